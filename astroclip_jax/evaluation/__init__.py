@@ -1,0 +1,1 @@
+"""Evaluators that read a work directory and write JSON + PNG next to it."""

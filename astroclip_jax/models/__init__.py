@@ -1,0 +1,1 @@
+"""Flax modules: the frozen image and spectrum towers and the trainable heads."""

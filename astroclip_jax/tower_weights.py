@@ -1,0 +1,131 @@
+"""The on-disk format of converted (frozen) tower weights: one directory per tower.
+
+    OUTPUT_DIR/
+      tower.json      {"kind": "resnet" | "spender", "config": {...module kwargs...},
+                       "source": {...where it came from...}, "format_version": 1}
+      variables.npz   flattened Flax variables, keys like "params/conv1/kernel",
+                      "batch_stats/bn1/mean"; plus "extra/<name>" arrays (e.g. extra/wave_obs)
+
+Plain NumPy arrays and JSON, so the directory opens on any machine (one CPU included)
+without the sharding it was written with. Writing is atomic: a temporary sibling directory
+is filled and then renamed over the target, so a failed conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+
+FORMAT_VERSION = 1
+_SEP = "/"
+_EXTRA = "extra"
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerWeights:
+    """Converted tower weights as loaded from disk."""
+
+    kind: str
+    config: dict[str, Any]
+    variables: dict[str, Any]  # nested {"params": {...}, "batch_stats": {...}} of np.ndarray
+    extras: dict[str, np.ndarray]
+    source: dict[str, Any]
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested dict -> {"a/b/c": array}."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{_SEP}{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = np.asarray(value)
+    return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"a/b/c": array} -> nested dict."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split(_SEP)
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def save_tower(
+    out_dir: str | os.PathLike,
+    kind: str,
+    config: Mapping[str, Any],
+    variables: Mapping[str, Any],
+    extras: Mapping[str, np.ndarray] | None = None,
+    source: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Writes a tower directory atomically and returns its path."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    arrays = flatten(variables)
+    if any(k.startswith(_EXTRA + _SEP) for k in arrays):
+        raise ValueError(f"variables must not have a top-level collection named {_EXTRA!r}")
+    for name, value in (extras or {}).items():
+        arrays[f"{_EXTRA}{_SEP}{name}"] = np.asarray(value)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "config": dict(config),
+        "source": dict(source or {}),
+    }
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    try:
+        np.savez(os.path.join(tmp, "variables.npz"), **arrays)
+        with open(os.path.join(tmp, "tower.json"), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        if os.path.exists(out_dir):
+            old = out_dir + ".old-" + os.path.basename(tmp)
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_tower(path: str | os.PathLike, kind: str | None = None) -> TowerWeights:
+    """Reads a tower directory written by `save_tower`; checks `kind` when given."""
+    path = os.fspath(path)
+    meta_path = os.path.join(path, "tower.json")
+    npz_path = os.path.join(path, "variables.npz")
+    for p in (meta_path, npz_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(
+                f"{p} not found: {path} is not a converted tower directory "
+                "(make one with `python -m converters.resnet50` or `python -m converters.spender`)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, "
+                         f"expected {FORMAT_VERSION}")
+    if kind is not None and meta["kind"] != kind:
+        raise ValueError(f"{path} holds a {meta['kind']!r} tower, expected {kind!r}")
+    with np.load(npz_path) as npz:
+        flat = {k: npz[k] for k in npz.files}
+    extras = {k[len(_EXTRA) + 1:]: v for k, v in flat.items() if k.startswith(_EXTRA + _SEP)}
+    variables = unflatten({k: v for k, v in flat.items() if not k.startswith(_EXTRA + _SEP)})
+    return TowerWeights(kind=meta["kind"], config=meta["config"], variables=variables,
+                        extras=extras, source=meta.get("source", {}))
