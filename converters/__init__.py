@@ -1,0 +1,1 @@
+"""Converters from PyTorch checkpoints to tower directories (the only package that imports torch)."""
