@@ -1,0 +1,174 @@
+"""Spender checkpoint -> spectrum tower directory (`kind="spender"`).
+
+    python -m converters.spender INPUT OUTPUT_DIR [--overwrite]
+
+INPUT (a path or http(s) URL) is one of:
+  * a Spender hub file `{"model": state_dict or [state_dict, ...], "losses": ...}` of the full
+    autoencoder (as `spender.load_model` reads it; a list means the first entry, as there);
+  * a plain encoder state_dict, with or without the `encoder.` prefix.
+Legacy files naming the MLP `encoder.mlp.mlp.*`, and those whose first MLP layer still takes the
+redshift as a 257th input (dropped, as `spender.load_model` does), are accepted.
+
+Kept: the encoder weights, and `encoder.instrument.wave_obs` as extra `wave_obs`.
+Ignored on purpose: `decoder.*` (AstroCLIP uses only the encoder), `encoder.instrument.skyline_mask`
+and `encoder.instrument.lsf.weight` (used only by the decoder's transform and by data loading).
+Sizes (filters, kernels, MLP widths, n_latent) are read from the shapes. Anything else in the file,
+or any shape the Flax module does not expect, raises ConversionError; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from astroclip_jax import tower_weights
+from astroclip_jax.models import spender as spender_model
+from converters import common
+from converters.common import ConversionError
+
+KIND = "spender"
+_N_CONV_BLOCKS = 3  # spender's SpectrumEncoder has exactly three conv blocks
+_EXTRA_BUFFERS = ("instrument.skyline_mask", "instrument.lsf.weight")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) and hasattr(v, "shape") for k, v in obj.items()))
+
+
+def extract_state_dict(obj: Any, name: str) -> tuple[dict[str, np.ndarray], str]:
+    """The (possibly prefixed) state_dict inside a loaded file, and a word for its format."""
+    if isinstance(obj, Mapping) and "model" in obj:
+        model = obj["model"]
+        if isinstance(model, (list, tuple)):
+            if not model:
+                raise ConversionError(f"{name}: 'model' is an empty list, expected [state_dict, ...]")
+            model = model[0]  # spender.load_model takes the first entry too
+        if not _is_state_dict(model):
+            raise ConversionError(f"{name}: 'model' holds {type(model).__name__}, expected a state_dict "
+                                  "(a mapping of parameter names to tensors)")
+        return common.to_numpy(model), "spender hub file"
+    if _is_state_dict(obj):
+        return common.to_numpy(obj), "state_dict"
+    found = sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__
+    raise ConversionError(f"{name}: not a Spender checkpoint: expected {{'model': state_dict, ...}} or an "
+                          f"encoder state_dict, found {found}")
+
+
+def _require(sd: Mapping[str, np.ndarray], key: str, ndim: int, name: str) -> np.ndarray:
+    if key not in sd:
+        raise ConversionError(f"{name}: missing key {key!r}")
+    value = sd[key]
+    if value.ndim != ndim:
+        raise ConversionError(f"{name}: key {key!r} has shape {tuple(value.shape)}, expected {ndim} dimensions")
+    return value
+
+
+def infer_config(sd: Mapping[str, np.ndarray], enc: str, mlp: str, name: str) -> dict[str, Any]:
+    """Module kwargs from the tensor shapes; `enc`/`mlp` are the key prefixes in use."""
+    filters, kernels = [], []
+    for i in range(1, _N_CONV_BLOCKS + 1):
+        w = _require(sd, f"{enc}conv{i}.0.weight", 3, name)  # (O, I, K)
+        filters.append(int(w.shape[0]))
+        kernels.append(int(w.shape[2]))
+    widths = []
+    j = 0
+    while f"{mlp}{j}.weight" in sd and f"{mlp}{j}.bias" in sd:  # Linear layers (PReLU has no bias)
+        widths.append(int(_require(sd, f"{mlp}{j}.weight", 2, name).shape[0]))
+        j += 3
+    if not widths:
+        raise ConversionError(f"{name}: missing key {mlp + '0.weight'!r} (the encoder MLP's first Linear)")
+    return dict(filters=filters, kernels=kernels, pools=kernels[:2],  # spender pools with sizes[:2]
+                mlp_hidden=widths[:-1], n_latent=widths[-1], dropout=0.0)
+
+
+def build_mapping(config: Mapping[str, Any], enc: str, mlp: str,
+                  first_linear: Any = common.linear_kernel) -> dict[str, tuple[str, Any]]:
+    """torch key -> (flat Flax name, transform) for a SpectrumEncoder of `config`."""
+    mapping = {}
+    for i in range(1, len(config["filters"]) + 1):
+        mapping[f"{enc}conv{i}.0.weight"] = (f"params/conv{i}_0/kernel", common.conv1d_kernel)
+        mapping[f"{enc}conv{i}.0.bias"] = (f"params/conv{i}_0/bias", common.identity)
+        mapping[f"{enc}conv{i}.2.weight"] = (f"params/conv{i}_2/negative_slope", common.identity)
+    n_layers = len(config["mlp_hidden"]) + 1
+    for j in range(n_layers):
+        kernel_fn = first_linear if j == 0 else common.linear_kernel
+        mapping[f"{mlp}{3 * j}.weight"] = (f"params/mlp_{3 * j}/kernel", kernel_fn)
+        mapping[f"{mlp}{3 * j}.bias"] = (f"params/mlp_{3 * j}/bias", common.identity)
+        if j < n_layers - 1:
+            mapping[f"{mlp}{3 * j + 1}.weight"] = (f"params/mlp_{3 * j + 1}/negative_slope", common.identity)
+    return mapping
+
+
+def expected_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Flat Flax name -> shape, from the module itself (no arrays allocated)."""
+    module = spender_model.SpectrumEncoder(**config)
+    abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 64), jnp.float32))
+    return common.flat_shapes(abstract)
+
+
+def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False) -> str:
+    """Converts a Spender checkpoint into a tower directory; returns its path."""
+    if os.path.exists(output_dir) and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists; pass overwrite=True to replace it")
+    path = common.fetch(input_path_or_url)
+    name = str(input_path_or_url)
+    sd, fmt = extract_state_dict(common.torch_load(path), name)
+
+    enc = "encoder." if any(k.startswith("encoder.") for k in sd) else ""
+    legacy_mlp = f"{enc}mlp.mlp.0.weight" in sd
+    mlp = f"{enc}mlp.mlp." if legacy_mlp else f"{enc}mlp."
+    config = infer_config(sd, enc, mlp, name)
+
+    # Old files fed the redshift to the MLP as a 257th input; spender.load_model drops that column.
+    n_feature = config["filters"][-1] // 2
+    dropped_z = sd[f"{mlp}0.weight"].shape[1] == n_feature + 1
+    first_linear = (lambda w: w[:, :-1].T) if dropped_z else common.linear_kernel
+
+    mapping = build_mapping(config, enc, mlp, first_linear)
+    ignore = [re.escape(enc + b) for b in (*_EXTRA_BUFFERS, "instrument.wave_obs")]
+    if enc:
+        ignore.append(r"decoder\..*")
+    flat = common.convert_strict(sd, mapping, ignore, expected_shapes(config), name)
+
+    extras = {}
+    wave_key = f"{enc}instrument.wave_obs"
+    if wave_key in sd:
+        wave = np.asarray(sd[wave_key])
+        if wave.ndim != 1:
+            raise ConversionError(f"{name}: key {wave_key!r} has shape {wave.shape}, expected (L,)")
+        extras["wave_obs"] = wave
+    source = {
+        "input": name,
+        "sha256": _sha256(path),
+        "format": fmt,
+        "legacy_mlp_naming": legacy_mlp,
+        "dropped_redshift_input": bool(dropped_z),
+        "ignored": sorted(k for k in sd if k not in mapping and k != wave_key),
+        "has_wave_obs": wave_key in sd,
+    }
+    variables = tower_weights.unflatten(flat)
+    return tower_weights.save_tower(output_dir, KIND, config, variables, extras=extras,
+                                    source=source, overwrite=overwrite)
+
+
+def main(argv=None) -> None:
+    common.cli(__doc__.splitlines()[0], convert, argv)
+
+
+if __name__ == "__main__":
+    main()
