@@ -1,0 +1,205 @@
+"""Image and spectrum augmentations: pure, batched functions of a PRNG key.
+
+Images are (B, H, W, C) float32, spectra (B, L) float32. Every function is plain ``jnp`` on
+the whole batch (no vmap needed by the caller, no host round-trips), so it runs inside the
+jitted train step on global, sharded arrays. Shapes and the config values are static
+(Python numbers read at trace time); only the key and the arrays are traced.
+
+Config fields read by ``augment_images`` / ``augment_spectra`` (a dict or ConfigDict; a
+missing field means "off"):
+
+  rotation (bool)               random rotation by a uniform angle in [0, 2 pi), bilinear.
+  flip (bool)                   horizontal and vertical flips, each with p = 0.5 per image.
+  crop (int)                    final centre-crop size; 0 = no crop.
+  blur_sigma_max (float)        Gaussian blur, sigma ~ U[0, blur_sigma_max] per image; 0 = off.
+  noise_std_max (float)         additive Gaussian noise, std ~ U[0, noise_std_max] per image
+                                (upstream ``AddGaussianNoise``); 0 = off.
+  spectrum_noise_scale (float)  spectrum noise ``scale * pixel_std * N(0, 1)``; 0 = off.
+
+Image order: rotation -> flips -> centre crop -> blur -> noise. The crop comes after the
+rotation so that, when the input is larger than the crop, the corners the rotation fills
+with ``fill`` are cut away; blur and noise come last because they act on the pixels the
+model sees (and the noise must not itself be blurred).
+"""
+
+import importlib.resources
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+# ---------------------------------------------------------------- deterministic pieces
+
+def center_crop(images, size):
+    """Centre crop (B, H, W, C) to (B, size, size, C), starting at ``H//2 - size//2``.
+
+    Same window as ``data.preprocess.center_crop`` (Stein's CenterCrop).
+    """
+    height, width = images.shape[1], images.shape[2]
+    if size > height or size > width:
+        raise ValueError(f"crop {size} larger than image {height}x{width}")
+    top, left = height // 2 - size // 2, width // 2 - size // 2
+    return images[:, top:top + size, left:left + size, :]
+
+
+def rotate(images, angles, fill=0.0):
+    """Rotate each image counter-clockwise by ``angles`` (B,) radians about its centre.
+
+    Counter-clockwise as displayed with row 0 on top, i.e. an angle of pi/2 equals
+    ``np.rot90(image, 1, axes=(0, 1))`` for square images. Bilinear interpolation; samples
+    falling outside the image take ``fill``. The centre is ((H-1)/2, (W-1)/2).
+    """
+    batch, height, width, channels = images.shape
+    cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+    ys, xs = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32) - cy,
+                          jnp.arange(width, dtype=jnp.float32) - cx, indexing="ij")
+    cos = jnp.cos(angles).astype(jnp.float32)[:, None, None]
+    sin = jnp.sin(angles).astype(jnp.float32)[:, None, None]
+    # Inverse map: output pixel (y, x) reads the source at R(-angle) (y, x).
+    src_y = cos * ys + sin * xs + cy
+    src_x = -sin * ys + cos * xs + cx
+
+    y0, x0 = jnp.floor(src_y), jnp.floor(src_x)
+    wy, wx = src_y - y0, src_x - x0
+    y0, x0 = y0.astype(jnp.int32), x0.astype(jnp.int32)
+    flat = images.reshape(batch, height * width, channels)
+    fill = jnp.asarray(fill, images.dtype)
+
+    def corner(yi, xi):
+        # One gather per corner on the flattened image; out-of-range corners give fill.
+        inside = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)
+        idx = jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1)
+        vals = jnp.take_along_axis(flat, idx.reshape(batch, -1, 1), axis=1)
+        vals = vals.reshape(batch, height, width, channels)
+        return jnp.where(inside[..., None], vals, fill)
+
+    wy, wx = wy[..., None].astype(images.dtype), wx[..., None].astype(images.dtype)
+    return ((1 - wy) * (1 - wx) * corner(y0, x0) + (1 - wy) * wx * corner(y0, x0 + 1)
+            + wy * (1 - wx) * corner(y0 + 1, x0) + wy * wx * corner(y0 + 1, x0 + 1))
+
+
+def blur_radius(sigma_max, truncate=4.0):
+    """Fixed kernel half-width for sigmas up to ``sigma_max`` (scipy's ``int(t*s + 0.5)``)."""
+    return int(truncate * float(sigma_max) + 0.5)
+
+
+def gaussian_kernels(sigmas, radius):
+    """Normalised 1-D Gaussian kernels (B, 2*radius+1), one per sigma; sigma 0 = identity."""
+    offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+    # A tiny floor turns sigma = 0 into an exact delta instead of 0/0.
+    s = jnp.maximum(jnp.asarray(sigmas, jnp.float32), 1e-6)[:, None]
+    k = jnp.exp(-0.5 * jnp.square(offsets[None, :] / s))
+    return k / jnp.sum(k, axis=1, keepdims=True)
+
+
+def blur(images, sigmas, radius):
+    """Separable Gaussian blur with per-image ``sigmas`` (B,) and a fixed kernel radius.
+
+    Borders are padded by reflection without repeating the edge pixel (numpy 'reflect',
+    scipy 'mirror', torch 'reflect' as in torchvision's GaussianBlur); needs radius < H, W.
+    """
+    if radius == 0:
+        return images
+    height, width = images.shape[1], images.shape[2]
+    if radius >= min(height, width):
+        raise ValueError(f"blur radius {radius} too large for {height}x{width} images")
+    k = gaussian_kernels(sigmas, radius).astype(images.dtype)
+    n = 2 * radius + 1
+
+    def along(x, axis):
+        pad = [(0, 0)] * 4
+        pad[axis] = (radius, radius)
+        xp = jnp.pad(x, pad, mode="reflect")
+        size = x.shape[axis]
+        out = jnp.zeros_like(x)
+        for j in range(n):  # 2r+1 shifted adds; XLA fuses them into one pass
+            out = out + k[:, j, None, None, None] * jax.lax.slice_in_dim(xp, j, j + size, axis=axis)
+        return out
+
+    return along(along(images, 1), 2)
+
+
+def flip(images, horizontal, vertical):
+    """Flip images left-right where ``horizontal`` (B,) and top-bottom where ``vertical``."""
+    images = jnp.where(horizontal[:, None, None, None], images[:, :, ::-1, :], images)
+    return jnp.where(vertical[:, None, None, None], images[:, ::-1, :, :], images)
+
+
+# ---------------------------------------------------------------- random versions
+
+def _uniform(key, batch, low, high):
+    return jax.random.uniform(key, (batch,), jnp.float32, low, high)
+
+
+def random_rotation(key, images, fill=0.0):
+    """Rotate each image by an independent uniform angle in [0, 2 pi)."""
+    angles = _uniform(key, images.shape[0], 0.0, 2.0 * math.pi)
+    return rotate(images, angles, fill)
+
+
+def random_flips(key, images):
+    """Flip each image horizontally and (independently) vertically, each with p = 0.5."""
+    kh, kv = jax.random.split(key)
+    batch = images.shape[0]
+    return flip(images, jax.random.bernoulli(kh, 0.5, (batch,)),
+                jax.random.bernoulli(kv, 0.5, (batch,)))
+
+
+def gaussian_blur(key, images, sigma_range, truncate=4.0):
+    """Blur each image with sigma ~ U[sigma_range]; kernel radius fixed by the maximum."""
+    low, high = sigma_range
+    sigmas = _uniform(key, images.shape[0], low, high)
+    return blur(images, sigmas, blur_radius(high, truncate))
+
+
+def gaussian_noise(key, images, std_range):
+    """Add N(0, std^2) noise, std ~ U[std_range] drawn once per image."""
+    ks, kn = jax.random.split(key)
+    std = _uniform(ks, images.shape[0], *std_range).astype(images.dtype)
+    noise = jax.random.normal(kn, images.shape, images.dtype)
+    return images + std[:, None, None, None] * noise
+
+
+def spectrum_noise(key, spectra, pixel_std, scale):
+    """Add ``scale * pixel_std * N(0, 1)`` to spectra (B, L); ``pixel_std`` is (L,).
+
+    ``pixel_std`` is the real per-pixel scatter of DESI spectra (``load_desi_pixel_std``);
+    the caller must pass it in the same units as ``spectra``.
+    """
+    noise = jax.random.normal(key, spectra.shape, spectra.dtype)
+    return spectra + scale * jnp.asarray(pixel_std, spectra.dtype) * noise
+
+
+def load_desi_pixel_std():
+    """The shipped per-pixel std of DESI EDR spectra, float32 (7781,) on the DESI grid."""
+    ref = importlib.resources.files("astroclip_jax.data") / "resources" / "desi_spectra_std.npz"
+    with ref.open("rb") as f, np.load(f) as data:
+        return np.asarray(data["spectra_npz"], np.float32)
+
+
+# ---------------------------------------------------------------- composers
+
+def augment_images(key, images, cfg):
+    """Apply the configured image augmentations (order in the module docstring)."""
+    k_rot, k_flip, k_blur, k_noise = jax.random.split(key, 4)
+    if cfg.get("rotation", False):
+        images = random_rotation(k_rot, images)
+    if cfg.get("flip", False):
+        images = random_flips(k_flip, images)
+    if cfg.get("crop", 0):
+        images = center_crop(images, int(cfg["crop"]))
+    if cfg.get("blur_sigma_max", 0.0) > 0:
+        images = gaussian_blur(k_blur, images, (0.0, float(cfg["blur_sigma_max"])))
+    if cfg.get("noise_std_max", 0.0) > 0:
+        images = gaussian_noise(k_noise, images, (0.0, float(cfg["noise_std_max"])))
+    return images
+
+
+def augment_spectra(key, spectra, pixel_std, cfg):
+    """Apply the configured spectrum augmentation (noise from the real per-pixel std)."""
+    scale = float(cfg.get("spectrum_noise_scale", 0.0))
+    if scale > 0:
+        spectra = spectrum_noise(key, spectra, pixel_std, scale)
+    return spectra

@@ -1,0 +1,181 @@
+"""Augmentations against NumPy/SciPy references and their statistical contracts."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from astroclip_jax import augment
+
+KEY = jax.random.PRNGKey(0)
+# Jitted once here: eager dispatch compiles every primitive separately and is far slower.
+rotate = jax.jit(augment.rotate)
+blur = jax.jit(augment.blur, static_argnums=2)
+gaussian_blur = jax.jit(augment.gaussian_blur, static_argnums=2)
+gaussian_noise = jax.jit(augment.gaussian_noise)  # std_range may be traced
+augment_images = jax.jit(augment.augment_images, static_argnums=2)
+
+
+def _images(batch=3, size=16, channels=2, seed=0):
+    return np.random.default_rng(seed).normal(size=(batch, size, size, channels)).astype(np.float32)
+
+
+def test_rotate_quarter_turns_match_rot90():
+    images = _images()
+    for k in (1, 2, 3):
+        out = rotate(images, jnp.full((3,), k * math.pi / 2))
+        # float32 cos(pi/2) is ~4e-8, so coordinates are off by <1e-6 pixel
+        np.testing.assert_allclose(out, np.rot90(images, k, axes=(1, 2)), atol=1e-4)
+
+
+def test_rotate_zero_is_identity_and_angles_are_per_image():
+    images = _images()
+    np.testing.assert_array_equal(rotate(images, jnp.zeros(3)), images)
+    out = rotate(images, jnp.array([0.0, math.pi / 2, math.pi]))
+    np.testing.assert_allclose(out[0], images[0], atol=1e-6)
+    np.testing.assert_allclose(out[1], np.rot90(images[1]), atol=1e-4)
+    np.testing.assert_allclose(out[2], np.rot90(images[2], 2), atol=1e-4)
+
+
+def test_rotate_matches_scipy_bilinear_at_arbitrary_angle():
+    images = _images(batch=1, size=15, channels=1)
+    angle = 0.7
+    out = np.asarray(rotate(images, jnp.array([angle]), 0.0))[0, ..., 0]
+    # Independent inverse map: scipy map_coordinates, order 1, constant 0 outside.
+    c = (15 - 1) / 2
+    yy, xx = np.meshgrid(np.arange(15) - c, np.arange(15) - c, indexing="ij")
+    src = [np.cos(angle) * yy + np.sin(angle) * xx + c, -np.sin(angle) * yy + np.cos(angle) * xx + c]
+    ref = scipy.ndimage.map_coordinates(images[0, ..., 0].astype(np.float64), src, order=1,
+                                        mode="constant", cval=0.0)
+    inner = (np.abs(src[0] - c) < c - 1) & (np.abs(src[1] - c) < c - 1)  # away from the edge rule
+    np.testing.assert_allclose(out[inner], ref[inner], atol=1e-5)
+
+
+def test_random_rotation_keeps_a_centred_disc_and_fills_corners():
+    size = 21
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    disc = (np.hypot(yy, xx) < 5).astype(np.float32)
+    images = np.broadcast_to(disc[None, :, :, None], (4, size, size, 1)).copy()
+    out = np.asarray(jax.jit(augment.random_rotation)(KEY, images))
+    np.testing.assert_allclose(out.sum(axis=(1, 2, 3)), disc.sum(), rtol=0.05)
+    ones = np.ones((4, size, size, 1), np.float32)
+    filled = np.asarray(augment.random_rotation(KEY, ones, fill=-1.0))
+    assert (filled[:, 0, 0, 0] < 1).any()  # a corner reads outside for a non-right angle
+
+
+def test_flips_match_np_flip():
+    images = _images(batch=4)
+    h = jnp.array([True, False, True, False])
+    v = jnp.array([True, True, False, False])
+    out = np.asarray(augment.flip(images, h, v))
+    np.testing.assert_array_equal(out[0], np.flip(images[0], (0, 1)))
+    np.testing.assert_array_equal(out[1], np.flip(images[1], 0))
+    np.testing.assert_array_equal(out[2], np.flip(images[2], 1))
+    np.testing.assert_array_equal(out[3], images[3])
+
+
+def test_random_flips_are_each_about_half():
+    images = np.broadcast_to(np.arange(4, dtype=np.float32).reshape(1, 2, 2, 1), (2000, 2, 2, 1))
+    out = np.asarray(jax.jit(augment.random_flips)(KEY, images))[..., 0]
+    horizontal = out[:, 0, 0] % 2 == 1  # top-left now holds a right-column pixel
+    vertical = out[:, 0, 0] >= 2  # top-left now holds a bottom-row pixel
+    assert abs(horizontal.mean() - 0.5) < 0.05 and abs(vertical.mean() - 0.5) < 0.05
+    assert abs((horizontal & vertical).mean() - 0.25) < 0.05  # independent
+
+
+def test_blur_matches_scipy_gaussian_filter():
+    images = _images(batch=3, size=20, channels=2)
+    sigmas = np.array([0.0, 0.8, 2.0], np.float32)
+    radius = augment.blur_radius(2.0)
+    out = np.asarray(blur(images, sigmas, radius))
+    np.testing.assert_allclose(out[0], images[0], atol=1e-6)  # sigma 0 is the identity
+    for b in (1, 2):
+        for c in range(2):
+            # same fixed kernel radius; 'mirror' is numpy/torch 'reflect'
+            ref = scipy.ndimage.gaussian_filter(images[b, ..., c].astype(np.float64), sigmas[b],
+                                                mode="mirror", radius=radius)
+            np.testing.assert_allclose(out[b, ..., c], ref, atol=1e-5)
+
+
+def test_blur_conserves_flux_of_centred_source():
+    size = 33
+    images = np.zeros((2, size, size, 1), np.float32)
+    images[:, size // 2, size // 2] = 1.0
+    out = np.asarray(gaussian_blur(KEY, images, (0.5, 2.0)))
+    np.testing.assert_allclose(out.sum(axis=(1, 2, 3)), 1.0, rtol=1e-5)
+    assert (out[:, size // 2, size // 2, 0] < 0.9).all()
+
+
+def test_gaussian_noise_std_statistics():
+    images = np.zeros((400, 16, 16, 1), np.float32)
+    out = np.asarray(gaussian_noise(KEY, images, (0.3, 0.3)))
+    assert abs(out.mean()) < 0.01 and abs(out.std() - 0.3) < 0.003
+    # std ~ U[0, 1] per image: per-image stds spread uniformly, mean 0.5
+    out = np.asarray(gaussian_noise(KEY, images, (0.0, 1.0)))
+    per_image = out.std(axis=(1, 2, 3))
+    assert per_image.min() < 0.1 and per_image.max() > 0.9
+    assert abs(per_image.mean() - 0.5) < 0.05
+
+
+def test_spectrum_noise_uses_pixel_std():
+    pixel_std = augment.load_desi_pixel_std()
+    assert pixel_std.shape == (7781,) and pixel_std.dtype == np.float32
+    spectra = np.ones((500, 7781), np.float32)
+    out = np.asarray(jax.jit(augment.spectrum_noise)(KEY, spectra, pixel_std, 2.0))
+    z = (out - 1.0) / (2.0 * pixel_std)
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1.0) < 0.01
+
+
+def test_center_crop_matches_slicing():
+    images = _images(batch=2, size=152, channels=3)
+    np.testing.assert_array_equal(augment.center_crop(images, 96), images[:, 28:124, 28:124])
+    odd = _images(batch=1, size=9)
+    np.testing.assert_array_equal(augment.center_crop(odd, 4), odd[:, 2:6, 2:6])
+    even = _images(batch=1, size=10)
+    np.testing.assert_array_equal(augment.center_crop(even, 5), even[:, 3:8, 3:8])
+
+
+class _Frozen(dict):
+    """A hashable dict, so a config can be a static jit argument in these tests."""
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.items())))
+
+
+CFG = {"rotation": True, "flip": True, "crop": 12, "blur_sigma_max": 1.0,
+       "noise_std_max": 0.1, "spectrum_noise_scale": 1.0}
+
+
+def test_composer_deterministic_per_key_and_jittable():
+    images = _images(batch=2, size=16)
+    run = jax.jit(lambda k, x: augment.augment_images(k, x, CFG))
+    a, b = run(KEY, images), run(KEY, images)
+    c = run(jax.random.PRNGKey(1), images)
+    assert a.shape == (2, 12, 12, 2)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+
+
+def test_composer_disabled_steps_are_noops():
+    images = _images(batch=2, size=16)
+    off = {"rotation": False, "flip": False, "crop": 0, "blur_sigma_max": 0.0,
+           "noise_std_max": 0.0, "spectrum_noise_scale": 0.0}
+    np.testing.assert_array_equal(augment_images(KEY, images, _Frozen(off)), images)
+    np.testing.assert_array_equal(augment_images(KEY, images, _Frozen({})), images)
+    only_crop = np.asarray(augment_images(KEY, images, _Frozen(dict(off, crop=8))))
+    np.testing.assert_array_equal(only_crop, images[:, 4:12, 4:12])
+    spectra = np.ones((2, 7781), np.float32)
+    std = augment.load_desi_pixel_std()
+    np.testing.assert_array_equal(augment.augment_spectra(KEY, spectra, std, off), spectra)
+    noisy = jax.jit(lambda k, s: augment.augment_spectra(k, s, std, CFG))(KEY, spectra)
+    assert np.abs(np.asarray(noisy) - 1.0).max() > 0
+
+
+def test_crop_after_rotation_removes_filled_corners():
+    images = np.ones((8, 24, 24, 1), np.float32)
+    cfg = {"rotation": True, "crop": 16}  # 16 * sqrt(2) / 2 < 12: crop stays inside the disc
+    out = np.asarray(augment_images(KEY, images, _Frozen(cfg)))
+    np.testing.assert_allclose(out, 1.0, atol=1e-5)
