@@ -1,0 +1,119 @@
+"""Host-side preprocessing, pure NumPy and vectorised over a batch.
+
+What the frozen towers were trained with:
+- images: g, r, z nanomaggie cutouts, centre-cropped to 96x96, then Stein et al.'s ``ToRGB``
+  (georgestein/ssl-legacysurvey, ``data_loaders/decals_augmentations.py``);
+- spectra: per-spectrum z-score with the standard deviation clipped from below (AstroCLIP v1).
+"""
+
+import numpy as np
+
+# Stein's ToRGB constants. Channel order of the stored cutouts is (g, r, z); ToRGB reorders it
+# to (z, r, g) and applies each band's scale.
+STEIN_BANDS = ("g", "r", "z")
+STEIN_SCALES = {"g": 6.0, "r": 3.4, "z": 2.2}
+STEIN_M = 0.03
+STEIN_Q = 20.0
+
+IMAGE_TRANSFORMS = ("stein_rgb", "raw")
+SPECTRUM_NORMS = ("zscore", "none")
+
+
+def center_crop(images: np.ndarray, size: int) -> np.ndarray:
+    """Central `size` x `size` pixels of (..., H, W, C) images.
+
+    The window starts at H//2 - size//2, which is what Stein's CenterCrop (JitterCrop without
+    jitter) cuts from a 152-pixel cutout: rows 28..123 for size 96.
+    """
+    images = np.asarray(images)
+    if images.ndim < 3:
+        raise ValueError(f"center_crop expects (..., H, W, C) images, got shape {images.shape}")
+    height, width = images.shape[-3], images.shape[-2]
+    if size > height or size > width:
+        raise ValueError(f"cannot crop {size}x{size} from {height}x{width} images")
+    top = height // 2 - size // 2
+    left = width // 2 - size // 2
+    return images[..., top:top + size, left:left + size, :]
+
+
+def stein_rgb(images: np.ndarray, *, scales=STEIN_SCALES, m: float = STEIN_M,
+              q: float = STEIN_Q) -> np.ndarray:
+    """Stein et al.'s ToRGB of (..., H, W, 3) g, r, z flux images; float32 in [0, 1].
+
+    With x the image reordered to (z, r, g) and s the matching scales (2.2, 3.4, 6.0):
+        I   = mean over channels of max(0, x * s + m)
+        f   = asinh(Q * I) / sqrt(Q),  I := I + 1e-6 where I == 0
+        out = clip(x * (s + m * f / I), 0, 1)
+    This is the transform the pretrained MoCo v2 ResNet50 saw (note `x * (s + m f/I)`, not the
+    Legacy Survey viewer's `(x s + m) f / I`). Unlike the original it does not modify its input.
+    """
+    images = np.asarray(images)
+    if images.shape[-1] != 3:
+        raise ValueError(f"stein_rgb expects 3 bands (g, r, z) last, got shape {images.shape}")
+    # float32 throughout (the original mixes in float64; the difference is ~1e-7).
+    x = np.asarray(images[..., ::-1], dtype=np.float32)  # (g, r, z) -> (z, r, g)
+    s = np.array([scales[b] for b in STEIN_BANDS[::-1]], dtype=np.float32)
+    scaled = x * s
+    intensity = np.maximum(scaled + np.float32(m), 0.0).sum(axis=-1) / np.float32(3.0)
+    qi = np.float32(q) * intensity  # >= 0, so asinh(qi) = log(qi + sqrt(qi^2 + 1)), faster
+    stretched = np.log(qi + np.sqrt(qi * qi + 1.0)) / np.float32(np.sqrt(q))
+    intensity += (intensity == 0.0) * np.float32(1e-6)
+    out = scaled + x * (np.float32(m) * stretched / intensity)[..., None]
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def transform_images(images: np.ndarray, transform: str) -> np.ndarray:
+    """Apply the configured image transform: "stein_rgb" or "raw" (flux as is, float32)."""
+    if transform == "stein_rgb":
+        return stein_rgb(images)
+    if transform == "raw":
+        return np.asarray(images, dtype=np.float32)
+    raise ValueError(f"unknown image_transform {transform!r}; expected one of {IMAGE_TRANSFORMS}")
+
+
+def zscore_spectra(spectra: np.ndarray, min_std: float = 0.2) -> np.ndarray:
+    """Per-spectrum z-score of (N, L) spectra: (x - mean) / max(std, min_std), float32.
+
+    The floor keeps near-empty spectra from being blown up into noise (AstroCLIP v1 clips the std
+    at 0.2). The std is the population std (ddof 0), computed in float64.
+    """
+    spectra = np.asarray(spectra, dtype=np.float64)
+    mean = spectra.mean(axis=-1, keepdims=True)
+    std = np.maximum(spectra.std(axis=-1, keepdims=True), min_std)
+    return ((spectra - mean) / std).astype(np.float32)
+
+
+def normalise_spectra(spectra: np.ndarray, norm: str) -> np.ndarray:
+    """Apply the configured spectrum normalisation: "zscore" or "none"."""
+    if norm == "zscore":
+        return zscore_spectra(spectra)
+    if norm == "none":
+        return np.asarray(spectra, dtype=np.float32)
+    raise ValueError(f"unknown spectrum_norm {norm!r}; expected one of {SPECTRUM_NORMS}")
+
+
+def check_grid(data_wave: np.ndarray, encoder_wave: np.ndarray, *, rtol: float = 1e-6) -> None:
+    """Raise unless the data's wavelength grid is the one the spectrum encoder was trained on.
+
+    A spectrum on the wrong grid still runs through a conv net, silently giving nonsense.
+    """
+    data_wave = np.asarray(data_wave, dtype=np.float64)
+    encoder_wave = np.asarray(encoder_wave, dtype=np.float64)
+    if data_wave.shape != encoder_wave.shape:
+        raise ValueError(
+            f"wavelength grid mismatch: data has {data_wave.size} pixels "
+            f"({_describe(data_wave)}), the spectrum encoder expects {encoder_wave.size} "
+            f"({_describe(encoder_wave)})")
+    close = np.isclose(data_wave, encoder_wave, rtol=rtol, atol=0.0)
+    if not close.all():
+        worst = int(np.flatnonzero(~close)[0])  # the first pixel that differs
+        raise ValueError(
+            f"wavelength grid mismatch at pixel {worst}: data {data_wave[worst]:.4f} A, encoder "
+            f"{encoder_wave[worst]:.4f} A (data {_describe(data_wave)}, encoder "
+            f"{_describe(encoder_wave)})")
+
+
+def _describe(wave: np.ndarray) -> str:
+    if wave.size == 0:
+        return "empty"
+    return f"{wave[0]:.2f}..{wave[-1]:.2f} A"
