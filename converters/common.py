@@ -60,14 +60,48 @@ def fetch(path_or_url: str, cache_dir: str | None = None) -> str:
     return dest
 
 
-def torch_load(path: str) -> Any:
-    """torch.load on CPU with weights_only (upstream files hold only tensors and plain containers)."""
+def torch_load(path: str, safe_globals: Sequence[Any] = (), trust: bool = False) -> Any:
+    """torch.load on CPU, by default with weights_only (no code in the file can run).
+
+    Args:
+      path: a local file.
+      safe_globals: extra classes the weights_only unpickler may build (e.g. `argparse.Namespace`
+        in a Lightning checkpoint's hyper-parameters); harmless containers only.
+      trust: load with weights_only=False. Runs whatever the pickle names: only for a file the
+        user trusts, and the modules it names must be importable.
+    """
     import torch
 
+    if trust:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ConversionError(
+                f"{path}: not a readable PyTorch checkpoint even with weights_only=False "
+                f"({type(e).__name__}: {e})") from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, zip errors, truncated files, not a torch file at all
+        unsafe = _unsafe_globals(path, safe_globals)
+        if unsafe:
+            raise ConversionError(
+                f"{path}: the checkpoint pickles objects that a weights-only load refuses: {unsafe}. "
+                "If you trust this file, convert it with trust=True (CLI: --trust-checkpoint), "
+                "which loads it with torch.load(weights_only=False)") from e
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _unsafe_globals(path: str, allowed: Sequence[Any]) -> list[str]:
+    """Globals in a torch zip checkpoint beyond what weights_only allows ([] if unknown)."""
+    import torch
+
+    allowed_names = {f"{g.__module__}.{g.__qualname__}" for g in allowed if hasattr(g, "__qualname__")}
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint at all
+        return []
+    return [n for n in names if n not in allowed_names]
 
 
 def to_numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -160,15 +194,24 @@ def flat_shapes(abstract_variables: Mapping[str, Any], prefix: str = "") -> dict
     return shapes
 
 
-def cli(description: str, convert: Callable[..., str], argv: Iterable[str] | None = None) -> None:
-    """`python -m converters.X INPUT OUTPUT_DIR [--overwrite]` for a `convert(input, output_dir, overwrite=)`."""
+def cli(description: str, convert: Callable[..., str], argv: Iterable[str] | None = None,
+        flags: Mapping[str, str] | None = None) -> None:
+    """`python -m converters.X INPUT OUTPUT_DIR [--overwrite] [--flag ...]`.
+
+    `convert(input, output_dir, overwrite=..., **{flag: bool})`; `flags` maps extra boolean
+    keyword arguments of `convert` (e.g. "trust_checkpoint") to their help text; each becomes
+    a `--trust-checkpoint` style switch.
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("input", help="local checkpoint path or http(s) URL")
     parser.add_argument("output_dir", help="directory to write (tower.json + variables.npz)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    for name, help_text in (flags or {}).items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", help=help_text)
     args = parser.parse_args(None if argv is None else list(argv))
+    extra = {name: getattr(args, name) for name in (flags or {})}
     try:
-        out = convert(args.input, args.output_dir, overwrite=args.overwrite)
+        out = convert(args.input, args.output_dir, overwrite=args.overwrite, **extra)
     except (ConversionError, FileNotFoundError, FileExistsError) as e:
         raise SystemExit(f"error: {e}")
     print(f"wrote {out}")
