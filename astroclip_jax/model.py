@@ -1,0 +1,283 @@
+"""The AstroCLIP model: two frozen towers, two trainable heads, one embedding space.
+
+    images  (N, H, W, 3) -> image tower    -> features (N, 2048) -> image head    -> (N, 128)
+    spectra (N, L)       -> spectrum tower -> features (N, 256)  -> spectrum head -> (N, 128)
+
+All parameters live in one dict
+
+    {"image_tower": {"params", "batch_stats"}, "spectrum_tower": {"params"},
+     "image_head": {"params"}, "spectrum_head": {"params"}[, "logit_scale": {"log_scale"}]}
+
+and are split into a trainable and a frozen part by regexes over flattened names
+("image_head/params/fc_0/kernel"), big_vision style: `config.train.trainable` lists the
+patterns (matched with `re.fullmatch`). Only the trainable part reaches the optimiser and
+the gradient; the frozen part enters the loss behind `stop_gradient`. BatchNorm statistics
+are never trainable (they are running averages, not parameters).
+
+The towers come from converted weight directories (`model.*.weights`) or, when none is
+given, are randomly initialised at a named size (with a loud warning: a random tower is only
+good for tests and the synthetic demo). The image tower is built without its MoCo head; that
+head's weights (`fc_0`, `fc_2`) seed the image head when `model.image_head.init_from_tower`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from astroclip_jax import losses
+from astroclip_jax.data import grids
+from astroclip_jax.models import heads, towers
+
+Params = dict[str, Any]
+_SEP = "/"
+_MOCO_HEAD = ("fc_0", "fc_2")  # the image tower's MoCo v2 head layers
+_SPENDER_MLP = re.compile(r"mlp_\d+")  # Spender's own MLP, replaced by the spectrum head
+
+
+@dataclasses.dataclass(frozen=True)
+class AstroCLIP:
+    """The four Flax modules; all methods are pure functions of a params dict."""
+
+    image_tower: nn.Module
+    spectrum_tower: nn.Module
+    image_head: heads.MLPHead
+    spectrum_head: heads.MLPHead
+    logit_scale: float = losses.DEFAULT_LOGIT_SCALE  # used unless params hold a learned one
+
+    def image_features(self, params: Params, images: jax.Array) -> jax.Array:
+        return self.image_tower.apply(params["image_tower"], images)["features"]
+
+    def spectrum_features(self, params: Params, spectra: jax.Array) -> jax.Array:
+        return self.spectrum_tower.apply(params["spectrum_tower"], spectra,
+                                         features_only=True)["features"]
+
+    def tower_features(self, params: Params, images: jax.Array, spectra: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+        """The towers alone: (image features, spectrum features). Frozen work, cacheable."""
+        return self.image_features(params, images), self.spectrum_features(params, spectra)
+
+    def heads_from_features(self, params: Params, image_features: jax.Array,
+                            spectrum_features: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The heads alone, on tower features: L2-normalised (image_emb, spectrum_emb)."""
+        img = self.image_head.apply(params["image_head"], image_features)
+        spec = self.spectrum_head.apply(params["spectrum_head"], spectrum_features)
+        return losses.l2_normalize(img), losses.l2_normalize(spec)
+
+    def embed(self, params: Params, images: jax.Array, spectra: jax.Array
+              ) -> tuple[jax.Array, jax.Array]:
+        """Normalised (image_emb, spectrum_emb), each (N, out)."""
+        return self.heads_from_features(params, *self.tower_features(params, images, spectra))
+
+    def scale(self, params: Params) -> jax.Array:
+        """The logit scale: learned (exp of `logit_scale/log_scale`) or the fixed config value."""
+        if "logit_scale" in params:
+            return jnp.exp(params["logit_scale"]["log_scale"])
+        return jnp.asarray(self.logit_scale, jnp.float32)
+
+
+# ------------------------------------------------------------------------------- building
+
+def image_size(config) -> int:
+    """Side of the images the towers see: the augmentation's final crop, else the host crop."""
+    return int(config.augment.get("crop") or config.data.image_crop)
+
+
+def spectrum_length(config) -> int:
+    return len(grids.wave(config.data.grid))
+
+
+def _tower(kind: str, tower_cfg, rng: jax.Array, example_shape: Sequence[int]
+           ) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
+    """(module config, variables, extras) from converted weights or a random init."""
+    if tower_cfg.get("weights"):
+        _, variables, weights = towers.load_tower_module(tower_cfg.weights, kind=kind)
+        logging.info("%s tower: converted weights from %s", kind, tower_cfg.weights)
+        return dict(weights.config), variables, dict(weights.extras)
+    logging.warning(
+        "\n" + "!" * 78 + "\n!! %s tower: NO WEIGHTS GIVEN (model.*.weights is None) -> RANDOMLY "
+        "INITIALISED %r tower.\n!! Fine for tests and the synthetic demo; meaningless for real "
+        "science.\n" + "!" * 78, kind.upper(), tower_cfg.size)
+    module_cfg = towers.tower_config(kind, tower_cfg.size)
+    abstract = jax.eval_shape(towers.build_tower(kind, module_cfg).init, rng,
+                              jnp.zeros(tuple(example_shape), jnp.float32))
+    return module_cfg, random_tower_variables(abstract, rng), {}
+
+
+# Flax's default initialisers, by leaf name (kernels: LeCun normal over the fan-in).
+_CONSTANT_INIT = {"bias": 0.0, "scale": 1.0, "mean": 0.0, "var": 1.0,
+                  "negative_slope": 0.25}  # PReLU's torch default
+
+
+def random_tower_variables(abstract: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
+    """Random tower variables drawn with NumPy from the shapes of `abstract`.
+
+    Same distributions as the modules' own initialisers, but no compiled program (a random
+    ResNet's jitted init costs tens of seconds of XLA compilation on a small CPU) and the same
+    numbers on every platform (NumPy's PCG64), so a run with random towers is rebuilt exactly
+    from its seed anywhere.
+    """
+    gen = np.random.default_rng(np.asarray(jax.random.key_data(rng)).tolist())
+    flat = {}
+    for name, leaf in sorted(flatten(abstract).items()):
+        leaf_name = name.rsplit(_SEP, 1)[-1]
+        if leaf_name == "kernel":
+            fan_in = math.prod(leaf.shape[:-1])
+            # lecun_normal: truncated normal at +-2 std, rescaled to variance 1 / fan_in.
+            x = gen.standard_normal(leaf.shape)
+            while np.any(bad := np.abs(x) > 2.0):
+                x[bad] = gen.standard_normal(int(bad.sum()))
+            flat[name] = (x / 0.87962566103423978 / math.sqrt(fan_in)).astype(leaf.dtype)
+        elif leaf_name in _CONSTANT_INIT:
+            flat[name] = np.full(leaf.shape, _CONSTANT_INIT[leaf_name], leaf.dtype)
+        else:
+            raise ValueError(f"no random initialiser for tower variable {name!r}")
+    return unflatten(flat)
+
+
+def _check_grid(config, extras: Mapping[str, np.ndarray]) -> None:
+    """The spectra must be on the wavelength grid the Spender tower was trained on."""
+    if "wave_obs" not in extras:
+        return
+    wave_obs = np.asarray(extras["wave_obs"], np.float64).ravel()
+    data_wave = grids.wave(config.data.grid)
+    if wave_obs.shape != data_wave.shape or not np.allclose(wave_obs, data_wave, rtol=0, atol=1e-3):
+        raise ValueError(
+            f"spectrum tower {config.model.spectrum_tower.weights} was trained on a grid of "
+            f"{wave_obs.size} pixels [{wave_obs[0]:.2f}, {wave_obs[-1]:.2f}] A, but "
+            f"data.grid={config.data.grid!r} has {data_wave.size} pixels "
+            f"[{data_wave[0]:.2f}, {data_wave[-1]:.2f}] A: use the matching grid or weights")
+
+
+def build(config, rng: jax.Array) -> tuple[AstroCLIP, Params]:
+    """The model and its full params (towers loaded or random, heads initialised)."""
+    mc = config.model
+    k_img, k_spec, k_ihead, k_shead = jax.random.split(rng, 4)
+    size = image_size(config)
+    length = spectrum_length(config)
+
+    spec_cfg, spec_vars, spec_extras = _tower("spender", mc.spectrum_tower, k_spec, (1, length))
+    if mc.spectrum_tower.get("weights"):
+        _check_grid(config, spec_extras)  # before any expensive work
+    img_cfg, img_vars, _ = _tower("resnet", mc.image_tower, k_img, (1, size, size, 3))
+
+    # The frozen image tower stops at its pooled features; its MoCo head moves to the image head.
+    img_vars = dict(img_vars)  # a shallow copy we may edit
+    img_params = dict(img_vars["params"])
+    moco_head = {name: img_params.pop(name) for name in _MOCO_HEAD if name in img_params}
+    img_vars["params"] = img_params
+    img_cfg = {**img_cfg, "head_hidden": None}
+    spec_vars = {"params": {k: v for k, v in spec_vars["params"].items()
+                            if not _SPENDER_MLP.fullmatch(k)}}
+
+    model = AstroCLIP(
+        image_tower=towers.build_tower("resnet", img_cfg),
+        spectrum_tower=towers.build_tower("spender", spec_cfg),
+        image_head=heads.MLPHead(hidden=tuple(mc.image_head.hidden), out=mc.image_head.out),
+        spectrum_head=heads.MLPHead(hidden=tuple(mc.spectrum_head.hidden), out=mc.spectrum_head.out),
+        logit_scale=float(config.train.logit_scale),
+    )
+    params: Params = {"image_tower": img_vars, "spectrum_tower": spec_vars}
+    # Strict check: the loaded (or edited) tower trees are exactly what the modules expect.
+    _check_tree("image_tower", img_vars, jax.eval_shape(
+        model.image_tower.init, k_img, jnp.zeros((1, size, size, 3))))
+    _check_tree("spectrum_tower", spec_vars, jax.eval_shape(
+        lambda k: model.spectrum_tower.init(k, jnp.zeros((1, length)), features_only=True), k_spec))
+
+    img_feat, spec_feat = jax.eval_shape(
+        model.tower_features, params, jnp.zeros((1, size, size, 3)), jnp.zeros((1, length)))
+    params["image_head"] = jax.jit(model.image_head.init)(k_ihead, jnp.zeros(img_feat.shape))
+    params["spectrum_head"] = jax.jit(model.spectrum_head.init)(k_shead,
+                                                                jnp.zeros(spec_feat.shape))
+    if mc.image_head.get("init_from_tower") and mc.image_tower.get("weights"):
+        params["image_head"] = _moco_head_init(params["image_head"], moco_head)
+    if config.train.get("learn_logit_scale"):
+        params["logit_scale"] = {"log_scale": jnp.asarray(math.log(config.train.logit_scale),
+                                                          jnp.float32)}
+    return model, params
+
+
+def _check_tree(name: str, got: Mapping[str, Any], want: Mapping[str, Any]) -> None:
+    got_flat, want_flat = flatten(got), flatten(want)
+    missing, extra = sorted(set(want_flat) - set(got_flat)), sorted(set(got_flat) - set(want_flat))
+    bad = [k for k in set(got_flat) & set(want_flat)
+           if tuple(np.shape(got_flat[k])) != tuple(want_flat[k].shape)]
+    if missing or extra or bad:
+        raise ValueError(f"{name}: variables do not match the module: missing {missing}, "
+                         f"unexpected {extra}, wrong shape {sorted(bad)}")
+
+
+def _moco_head_init(head_vars: Params, moco_head: Mapping[str, Any]) -> Params:
+    """The image head's variables copied from the tower's MoCo head (same names and shapes)."""
+    want = head_vars["params"]
+    try:
+        _check_tree("image_head", moco_head, want)
+    except ValueError as e:
+        raise ValueError(f"model.image_head.init_from_tower: the image head does not have the "
+                         f"shape of the tower's MoCo head ({e}); set image_head.hidden/out to the "
+                         "MoCo sizes or init_from_tower=False") from None
+    return {"params": jax.tree.map(jnp.asarray, dict(moco_head))}
+
+
+# ------------------------------------------------------------------------------ partition
+
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dict -> {"a/b/c": leaf}."""
+    return traverse_util.flatten_dict(tree, sep=_SEP)
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    return traverse_util.unflatten_dict(dict(flat), sep=_SEP)
+
+
+def trainable_patterns(config) -> tuple[str, ...]:
+    """The regexes of trainable parameter names; a learned logit scale always trains."""
+    patterns = tuple(config.train.trainable)
+    if config.train.get("learn_logit_scale"):
+        patterns += (r"logit_scale/.*",)
+    return patterns
+
+
+def is_trainable(name: str, patterns: Sequence[str]) -> bool:
+    if _SEP + "batch_stats" + _SEP in _SEP + name:  # running averages are never trained
+        return False
+    return any(re.fullmatch(p, name) for p in patterns)
+
+
+def partition(params: Params, patterns: Sequence[str]) -> tuple[Params, Params]:
+    """(trainable, frozen): two nested dicts with disjoint leaves, by regex over flat names.
+
+    Raises if a pattern matches no parameter (a typo would otherwise silently freeze all).
+    """
+    flat = flatten(params)
+    for p in patterns:
+        if not any(re.fullmatch(p, name) for name in flat):
+            raise ValueError(f"config.train.trainable pattern {p!r} matches no parameter; "
+                             f"names look like {sorted(flat)[:3]}")
+    trainable = {k: v for k, v in flat.items() if is_trainable(k, patterns)}
+    frozen = {k: v for k, v in flat.items() if k not in trainable}
+    return unflatten(trainable), unflatten(frozen)
+
+
+def merge(trainable: Params, frozen: Params) -> Params:
+    """Inverse of `partition`."""
+    flat = flatten(frozen)
+    for name, value in flatten(trainable).items():
+        if name in flat:
+            raise ValueError(f"{name} is both trainable and frozen")
+        flat[name] = value
+    return unflatten(flat)
+
+
+def param_counts(params: Params) -> dict[str, int]:
+    """Scalars per top-level part ("image_tower", ...)."""
+    return {k: heads.num_params(v) for k, v in params.items()}

@@ -1,0 +1,139 @@
+"""AstroCLIP (Stein ResNet50 image tower + Spender spectrum tower), contrastive head training.
+
+The default trains on the built-in synthetic dataset with the paper's hyperparameters
+(batch 512, Adam 5e-4, ReduceLROnPlateau 0.5 / 5 epochs, logit scale 15.5, heads
+2048 -> [2048] -> 128 and 256 -> [256, 256, 256] -> 128), sized to finish in about ten
+minutes on a 2-core CPU (small random towers, 4096 pairs, 16 epochs of 6 steps; measured
+~30 s per epoch, ~5 s per step of 512 pairs, most of it the image augmentation):
+
+    python main.py --config=configs/spender.py --mode=train --workdir=runs/synthetic
+
+Real AstroCLIP data with converted pretrained towers (full size, 80 epochs, Stein RGB):
+
+    python -m converters.resnet50 --out=weights/resnet50_stein
+    python -m converters.spender --out=weights/spender_desi
+    python main.py --config=configs/spender.py:desi --mode=prepare --workdir=runs/desi
+    python main.py --config=configs/spender.py:desi --mode=train --workdir=runs/desi
+    python main.py --config=configs/spender.py:desi --mode=eval_knn --workdir=runs/desi
+
+CPU smoke test (tiny everything, well under a minute):
+
+    python main.py --config=configs/spender.py:smoke --mode=train --workdir=/tmp/smoke
+
+Any field can be overridden on the command line, e.g. `--config.train.epochs=2`.
+Training on a work directory that holds checkpoints resumes from the latest one.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    """arg: "" (synthetic default), "desi" (real data + converted weights) or "smoke"."""
+    if arg not in ("", "desi", "smoke"):
+        raise ValueError(f"unknown config variant {arg!r}; expected '', 'desi' or 'smoke'")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.multihost = False  # True: jax.distributed.initialize() (also automatic under a coordinator)
+
+    # ---------------------------------------------------------------- data
+    c.data = d = ml_collections.ConfigDict()
+    d.name = "synthetic_desi"  # "synthetic_desi" | "astroclip_desi"
+    # synthetic: "tiny" 256 | "small" 4096 | "default" 16384 | "large" 65536 pairs;
+    # astroclip_desi: "joint" | "provabgs" (with the PROVABGS properties)
+    d.builder_config = "small"
+    d.data_dir = ml_collections.config_dict.placeholder(str)  # None: the tfds default
+    d.manual_dir = ml_collections.config_dict.placeholder(str)  # where astroclip_desi.1.1.5.h5 sits
+    d.provabgs_path = ml_collections.config_dict.placeholder(str)  # PROVABGS catalogue (hdf5)
+    d.grid = "desi"  # wavelength grid of the spectra; must match the Spender weights
+    d.image_crop = 96  # host centre crop of the 152 px cutouts (what the ResNet was trained on)
+    d.image_transform = "stein_rgb"  # "stein_rgb" (what the weights expect) | "raw" flux
+    d.spectrum_norm = "zscore"  # per spectrum, std clipped at >= 0.2 (upstream)
+    d.nan_policy = "raise"
+    d.num_workers = 0  # grain worker processes; 0 = in the main process
+
+    # ---------------------------------------------------------------- model
+    c.model = m = ml_collections.ConfigDict()
+    # weights: a converted tower directory (converters/); None = random init at `size` (demo only).
+    m.image_tower = ml_collections.ConfigDict(dict(kind="resnet", size="small", weights=None))
+    m.image_tower.weights = ml_collections.config_dict.placeholder(str)
+    m.spectrum_tower = ml_collections.ConfigDict(dict(kind="spender", size="small"))
+    m.spectrum_tower.weights = ml_collections.config_dict.placeholder(str)
+    # Image head: the MoCo v2 head shape; starts from the tower's fc_0/fc_2 when weights exist.
+    m.image_head = ml_collections.ConfigDict(dict(hidden=(2048,), out=128, init_from_tower=True))
+    # Spectrum head: [256, 256, 256] -> 128 = 230,272 parameters (the paper's count and code).
+    m.spectrum_head = ml_collections.ConfigDict(dict(hidden=(256, 256, 256), out=128))
+
+    # ---------------------------------------------------------------- augmentation (on device)
+    c.augment = a = ml_collections.ConfigDict()
+    a.rotation = True
+    a.flip = True
+    a.crop = 96  # final size after rotation; equal to data.image_crop = the paper's order
+    a.blur_sigma_max = 1.0
+    a.noise_std_max = 0.0
+    a.spectrum_noise_scale = 0.0  # the paper augments images only
+
+    # ---------------------------------------------------------------- training
+    c.train = t = ml_collections.ConfigDict()
+    t.batch_size = 512  # global; the loss sees all of it
+    t.epochs = 16
+    t.learning_rate = 5e-4  # the paper's runs (see its wandb export); Adam
+    t.adam_b1, t.adam_b2, t.adam_eps = 0.9, 0.999, 1e-8  # torch.optim.Adam defaults
+    t.plateau_factor = 0.5  # ReduceLROnPlateau on the validation loss
+    t.plateau_patience = 5
+    t.plateau_threshold = 1e-4
+    t.logit_scale = 15.5  # multiplies the cosine similarity; fixed unless learn_logit_scale
+    t.learn_logit_scale = False
+    # Regexes (re.fullmatch) over flattened names like "image_head/params/fc_0/kernel".
+    # Add r"image_tower/.*" / r"spectrum_tower/.*" to fine-tune the towers.
+    t.trainable = (r"image_head/.*", r"spectrum_head/.*")
+    t.train_split = "train"
+    t.val_split = "test"  # upstream has no separate validation split
+    t.val_batch_size = 512
+    t.keep_checkpoints = 3  # latest ones kept; the best by validation loss is always kept too
+    t.log_every_steps = 10
+
+    # ---------------------------------------------------------------- evaluation
+    c.eval = e = ml_collections.ConfigDict()
+    e.split = "test"
+    e.batch_size = 512
+    e.checkpoint = "best"  # "best" | "latest"
+    e.knn_neighbors = 16
+    e.knn_holdout = 5000
+    e.knn_holdout_fraction = 0.2
+    e.seed = 0
+    e.search_k = 8
+    e.search_queries = 4
+    e.umap_neighbors = 15
+    e.dbscan_eps = 0.2
+    e.dbscan_min_samples = 5
+    e.kmeans_k_min = 2
+    e.kmeans_k_max = 15
+
+    if arg == "desi":
+        d.name = "astroclip_desi"
+        d.builder_config = "provabgs"  # all pairs, plus PROVABGS properties for evaluation
+        d.manual_dir = "data/astroclip"
+        d.provabgs_path = "data/astroclip/BGS_ANY_full.provabgs.sv3.v0.hdf5"
+        d.num_workers = 4
+        m.image_tower.size = "resnet50"
+        m.image_tower.weights = "weights/resnet50_stein"
+        m.spectrum_tower.size = "spender"
+        m.spectrum_tower.weights = "weights/spender_desi"
+        t.epochs = 80
+    elif arg == "smoke":
+        d.builder_config = "tiny"  # 256 pairs: 204 train, 52 test
+        d.image_crop = 32
+        a.crop = 32
+        m.image_tower.size = "test"
+        m.spectrum_tower.size = "test"
+        m.image_head.hidden = (64,)
+        m.image_head.out = 32
+        m.spectrum_head.hidden = (32, 32)
+        m.spectrum_head.out = 32
+        t.batch_size = 32
+        t.val_batch_size = 32
+        t.epochs = 3
+        t.log_every_steps = 1
+        e.batch_size = 32
+        e.knn_holdout = 20
+    return c
