@@ -96,14 +96,18 @@ def spec_from_config(config) -> ViewSpec:
     strengths from `config.augment` (so cached views follow the online augmentation)."""
     fc = config.get("feature_cache", None) or {}
     aug = config.get("augment", None) or {}
+    blur = float(aug.get("blur_sigma_max", 0.0) or 0.0)
+    noise = float(aug.get("noise_std_max", 0.0) or 0.0)
+    spectrum_noise = float(aug.get("spectrum_noise_scale", 0.0) or 0.0)
     return ViewSpec(
         crop=int(aug.get("crop", 0) or 0),
         dihedral=bool(aug.get("rotation", False) or aug.get("flip", False)),
-        image_draws=int(fc.get("image_draws", 2)),
-        spectrum_draws=int(fc.get("spectrum_draws", 4)),
-        blur_sigma_max=float(aug.get("blur_sigma_max", 0.0) or 0.0),
-        noise_std_max=float(aug.get("noise_std_max", 0.0) or 0.0),
-        spectrum_noise_scale=float(aug.get("spectrum_noise_scale", 0.0) or 0.0),
+        # Without a random blur/noise every draw would be the same view: keep one.
+        image_draws=int(fc.get("image_draws", 2)) if (blur or noise) else 1,
+        spectrum_draws=int(fc.get("spectrum_draws", 4)) if spectrum_noise else 1,
+        blur_sigma_max=blur,
+        noise_std_max=noise,
+        spectrum_noise_scale=spectrum_noise,
         dtype=str(fc.get("dtype", "float16")),
         seed=int(fc.get("seed", config.get("seed", 0))),
     )

@@ -161,6 +161,12 @@ def run(config, workdir: str) -> None:
             sharding.replicate(trainable, mesh), state_rng)
         epoch0, plateau, data_state = 0, ts.Plateau(lr=float(t.learning_rate)), None
         logging.info("fresh start in %s", workdir)
+    run_cached = None
+    if t.get("feature_cache", False):  # towers once over fixed views; epochs train the heads only
+        from astroclip_jax import feature_cache
+
+        run_cached = feature_cache.cached_training(config, workdir, model, state.params, frozen,
+                                                   mesh, state_rng, pixel_std, log=logging.info)
     del trainable
     if _is_main():
         _truncate_metrics(workdir, epoch0)
@@ -212,8 +218,11 @@ def run(config, workdir: str) -> None:
         t_epoch, per_step = time.time(), []
         lr = plateau.lr  # the rate of this epoch (the optimiser state holds the same value)
         for i in range(steps_per_epoch):
-            batch = sharding.shard_batch(next(train_iter), mesh, _STEP_KEYS)
-            state, step_metrics = train_step(state, frozen, batch)
+            if run_cached is not None:
+                state, step_metrics = run_cached(state, frozen, epoch * steps_per_epoch + i)
+            else:
+                batch = sharding.shard_batch(next(train_iter), mesh, _STEP_KEYS)
+                state, step_metrics = train_step(state, frozen, batch)
             per_step.append(step_metrics)
             # Count a step once it has run (not when dispatched), keeping one step in flight
             # so the host prepares the next batch while the devices compute.

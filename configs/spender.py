@@ -10,8 +10,8 @@ minutes on a 2-core CPU (small random towers, 4096 pairs, 16 epochs of 6 steps; 
 
 Real AstroCLIP data with converted pretrained towers (full size, 80 epochs, Stein RGB):
 
-    python -m converters.resnet50 --out=weights/resnet50_stein
-    python -m converters.spender --out=weights/spender_desi
+    python -m converters.resnet50 PATH/TO/stein_moco.ckpt weights/resnet50_stein
+    python -m converters.spender PATH/TO/spender.desi-edr.galaxyae-b9bc8d12.pt weights/spender_desi
     python main.py --config=configs/spender.py:desi --mode=prepare --workdir=runs/desi
     python main.py --config=configs/spender.py:desi --mode=train --workdir=runs/desi
     python main.py --config=configs/spender.py:desi --mode=eval_knn --workdir=runs/desi
@@ -40,7 +40,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     d.name = "synthetic_desi"  # "synthetic_desi" | "astroclip_desi"
     # synthetic: "tiny" 256 | "small" 4096 | "default" 16384 | "large" 65536 pairs;
     # astroclip_desi: "joint" | "provabgs" (with the PROVABGS properties)
-    d.builder_config = "small"
+    d.builder_config = "default"
     d.data_dir = ml_collections.config_dict.placeholder(str)  # None: the tfds default
     d.manual_dir = ml_collections.config_dict.placeholder(str)  # where astroclip_desi.1.1.5.h5 sits
     d.provabgs_path = ml_collections.config_dict.placeholder(str)  # PROVABGS catalogue (hdf5)
@@ -75,7 +75,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- training
     c.train = t = ml_collections.ConfigDict()
     t.batch_size = 512  # global; the loss sees all of it
-    t.epochs = 16
+    t.epochs = 80
     t.learning_rate = 5e-4  # the paper's runs (see its wandb export); Adam
     t.adam_b1, t.adam_b2, t.adam_eps = 0.9, 0.999, 1e-8  # torch.optim.Adam defaults
     t.plateau_factor = 0.5  # ReduceLROnPlateau on the validation loss
@@ -91,6 +91,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     t.val_batch_size = 512
     t.keep_checkpoints = 3  # latest ones kept; the best by validation loss is always kept too
     t.log_every_steps = 10
+    # True: run the frozen towers once over fixed augmented views (8 exact rotations/flips x
+    # image_draws blur/noise draws; spectrum noise draws) and train the heads on cached features.
+    t.feature_cache = True
+    c.feature_cache = ml_collections.ConfigDict(dict(
+        image_draws=1, spectrum_draws=4, dtype="float16", batch_size=256, on_device=True))
+    c.feature_cache.dir = ml_collections.config_dict.placeholder(str)  # None: the work dir
 
     # ---------------------------------------------------------------- evaluation
     c.eval = e = ml_collections.ConfigDict()
@@ -108,6 +114,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     e.dbscan_min_samples = 5
     e.kmeans_k_min = 2
     e.kmeans_k_max = 15
+    e.overwrite = False  # replace earlier results of a mode
+    e.search_targetids = ()  # query galaxies for `search`; empty: seeded random ones
+    e.dbscan_scale = "raw"  # "raw": eps on UMAP coordinates as the paper; "density": scaled by sqrt(N)
 
     if arg == "desi":
         d.name = "astroclip_desi"

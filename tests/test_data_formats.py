@@ -370,3 +370,20 @@ def test_synthetic_round_trip_real_generator(tmp_path):
     assert seen == 5
     info = prepare.summary(builder)
     assert info["splits"]["train"]["examples"] == 4 and info["splits"]["test"]["examples"] == 1
+
+
+def test_synthetic_split_larger_than_the_shuffle_buffer(tmp_path, monkeypatch):
+    """Past tfds' in-memory shuffle buffer (1 GB) buckets spill to disk: that must work
+    without TensorFlow and give back exactly what was generated."""
+    from tensorflow_datasets.core import shuffle
+
+    monkeypatch.setattr(synthetic, "generate", _standin)
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 10_000)  # a few records, then spill
+    config = _synthetic_config(tmp_path)
+    prepare.prepare(config)
+    expected = _standin(20, image_size=24)
+    records = _records(config, "train")
+    assert sorted(records) == [7_000_000 + i for i in range(16)]
+    for i in range(16):
+        np.testing.assert_array_equal(records[7_000_000 + i]["image"], expected["image"][i])
+        np.testing.assert_array_equal(records[7_000_000 + i]["spectrum"], expected["spectrum"][i])

@@ -31,6 +31,29 @@ TRAIN_FRACTION = 0.8
 _BYTES = tfds.features.Encoding.BYTES
 
 
+def _spill_shuffle_buckets_without_tensorflow() -> None:
+    """Lets tfds prepare splits larger than its 1 GB in-memory shuffle buffer without TensorFlow.
+
+    Past that size tfds' Shuffler spills its buckets to local temporary files through
+    `tf.io.gfile` (its only TensorFlow use on the ArrayRecord path). Without TensorFlow those
+    calls go to the Python file API instead; the bytes written and read back are identical.
+    """
+    import importlib.util
+    import types
+
+    from tensorflow_datasets.core import shuffle
+
+    if importlib.util.find_spec("tensorflow") is not None:
+        return
+    gfile = types.SimpleNamespace(GFile=open, exists=os.path.exists, remove=os.remove)
+    shuffle.tf = types.SimpleNamespace(
+        io=types.SimpleNamespace(gfile=gfile),
+        errors=types.SimpleNamespace(ResourceExhaustedError=MemoryError))
+
+
+_spill_shuffle_buckets_without_tensorflow()
+
+
 def _tensor(shape, dtype):
     return tfds.features.Tensor(shape=shape, dtype=dtype, encoding=_BYTES)
 

@@ -205,11 +205,19 @@ def compute_embeddings(config, workdir, split, which):
     from astroclip_jax import sharding
     from astroclip_jax.data import pipeline
 
+    from astroclip_jax import model as model_lib
+
     ckpt_dir, step = resolve_checkpoint(workdir, which)
     run_config, model, params = ckpt_lib.restore_model(workdir, str(step))
     mesh = sharding.make_mesh()
     params = sharding.replicate(params, mesh)
     embed_fn = make_embed_fn(model, run_config)
+    # Baseline: the same frozen towers with the heads as they were before training (the run's
+    # own initialisation, rebuilt from its seed), to show what contrastive training added.
+    _, init_params = model_lib.build(run_config, jax.random.PRNGKey(run_config.seed))
+    untrained = sharding.replicate({**params, "image_head": init_params["image_head"],
+                                    "spectrum_head": init_params["spectrum_head"]}, mesh)
+    heads_fn = jax.jit(model.heads_from_features)
 
     batch_size = int(config.eval.batch_size)
     n_dev = mesh.devices.size
@@ -220,16 +228,19 @@ def compute_embeddings(config, workdir, split, which):
     n_total = len(source)
 
     parts = {k: [] for k in ("image_embedding", "spectrum_embedding", "image_features",
-                             "spectrum_features", "image_inputs", "spectrum_inputs",
+                             "spectrum_features", "untrained_image_embedding",
+                             "untrained_spectrum_embedding", "image_inputs", "spectrum_inputs",
                              *_PROPERTY_COLUMNS)}
     with tqdm(total=n_total, unit="galaxy", desc=f"embed {split}",
               disable=jax.process_index() != 0) as bar:
         for batch in loader:
             glob = sharding.shard_batch(batch, mesh, ["image", "spectrum"])
             outs = embed_fn(params, glob["image"], glob["spectrum"])
+            outs = (*outs, *heads_fn(untrained, outs[2], outs[3]))
             mask = _gather_host(batch["mask"])
             for name, value in zip(("image_embedding", "spectrum_embedding", "image_features",
-                                    "spectrum_features"), outs):
+                                    "spectrum_features", "untrained_image_embedding",
+                                    "untrained_spectrum_embedding"), outs):
                 parts[name].append(_gather(value)[mask].astype(np.float32))
             # Host columns stay on the host (int64 target ids would not survive a 32-bit device).
             host = {"image_inputs": pool_images(batch["image"]).astype(np.float16),

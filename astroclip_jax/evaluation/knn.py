@@ -6,7 +6,8 @@ knn_holdout_fraction * N)`` as queries, fit ``KNeighborsRegressor(n_neighbors=16
 weights="distance")`` on the rest and score ``r2_score`` on the held-out set. Directions:
 image -> image, spectrum -> spectrum, cross-modal (fit on spectrum embeddings, predict from image
 embeddings, as the paper) and its reverse. Baselines on the same split: the frozen towers' features
-before the heads, and PCA of the model inputs (fit on the fit part only).
+before the heads, the same towers with the heads before training (all four directions), and PCA of
+the model inputs (fit on the fit part only).
 
     python main.py --config=configs/spender.py --mode=eval_knn --workdir=runs/default
 
@@ -40,6 +41,10 @@ BASELINES = {
     "pca_image_inputs": ("image_inputs", True),
     "pca_spectrum_inputs": ("spectrum_inputs", True),
 }
+# Baselines in all directions: the frozen towers with the heads before training.
+UNTRAINED_DIRECTIONS = {
+    f"untrained_heads_{name}": tuple(f"untrained_{key}" for key in keys)
+    for name, keys in DIRECTIONS.items()}
 PCA_COMPONENTS = 64
 
 # Real-data R^2 (UPSTREAM.md "Reference numbers"): AstroCLIP v1 and the reproduced paper.
@@ -103,6 +108,9 @@ def evaluate(arrays, n_neighbors=16, holdout=5000, fraction=0.2, seed=0,
     features = {}  # method -> (fit features, query features)
     for name, (fit_key, query_key) in DIRECTIONS.items():
         features[name] = (arrays[fit_key][fit_rows], arrays[query_key][query_rows])
+    for name, (fit_key, query_key) in UNTRAINED_DIRECTIONS.items():
+        if fit_key in arrays and query_key in arrays:
+            features[name] = (arrays[fit_key][fit_rows], arrays[query_key][query_rows])
     for name, (key, reduce) in BASELINES.items():
         if key not in arrays:
             continue
@@ -126,12 +134,12 @@ def format_table(scores, synthetic):
     """Text table shaped like the paper's Table 1, with the published numbers beside ours."""
     ref_note = " (real-data reference values; ours are on synthetic data)" if synthetic else ""
     lines = [f"Zero-shot k-NN R^2{ref_note}",
-             f"{'property':<11} {'method':<26} {'ours':>7} {'paper':>7} {'AstroCLIP v1':>13}"]
+             f"{'property':<11} {'method':<36} {'ours':>7} {'paper':>7} {'AstroCLIP v1':>13}"]
     for target in TARGETS:
         for method in scores:
             v1, paper = REFERENCE[target].get(method, (None, None))
             fmt = lambda v: f"{v:7.3f}" if v is not None else f"{'-':>7}"  # noqa: E731
-            lines.append(f"{target:<11} {method:<26} {fmt(scores[method][target])} {fmt(paper)} "
+            lines.append(f"{target:<11} {method:<36} {fmt(scores[method][target])} {fmt(paper)} "
                          f"{fmt(v1):>13}")
     return "\n".join(lines)
 
