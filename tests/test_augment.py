@@ -179,3 +179,24 @@ def test_crop_after_rotation_removes_filled_corners():
     cfg = {"rotation": True, "crop": 16}  # 16 * sqrt(2) / 2 < 12: crop stays inside the disc
     out = np.asarray(augment_images(KEY, images, _Frozen(cfg)))
     np.testing.assert_allclose(out, 1.0, atol=1e-5)
+
+
+def test_rotate_flip_crop_equals_the_separate_steps():
+    images = _images(batch=4, size=20, channels=2)
+    angles = jnp.array([0.3, 1.9, 4.0, 5.5])
+    h = jnp.array([True, False, True, False])
+    v = jnp.array([True, True, False, False])
+    fused = jax.jit(augment.rotate_flip_crop, static_argnums=4)(images, angles, h, v, 13)
+    steps = augment.center_crop(augment.flip(rotate(images, angles), h, v), 13)
+    # same inverse map; float32 coordinates rounded in a different order (<1e-5 pixel)
+    np.testing.assert_allclose(fused, steps, atol=1e-4)
+
+
+def test_composer_equals_the_separate_steps():
+    images = _images(batch=4, size=20, channels=2)
+    cfg = {"rotation": True, "flip": True, "crop": 14, "blur_sigma_max": 1.5}
+    out = augment_images(KEY, images, _Frozen(cfg))
+    k_rot, k_flip, k_blur, _ = jax.random.split(KEY, 4)  # the composer's key split
+    ref = augment.random_flips(k_flip, augment.random_rotation(k_rot, images))
+    ref = augment.gaussian_blur(k_blur, augment.center_crop(ref, 14), (0.0, 1.5))
+    np.testing.assert_allclose(out, ref, atol=1e-4)
