@@ -482,30 +482,15 @@ def make_cached_train_step(model, config) -> Callable:
     augmentation and towers. `feats` = {"image_features" (B, D_i), "spectrum_features" (B, D_s)}
     (from `sample_cached_features`); same TrainState, optimiser and metrics as
     `train_step.make_train_step`, so a run can switch between them and resume either way."""
-    import optax
-
-    from astroclip_jax import losses
-    from astroclip_jax import model as model_lib
     from astroclip_jax import train_step as train_step_lib
 
     tx = train_step_lib.make_optimizer(config)
 
     def cached_train_step(state, frozen, feats):
-        frozen = jax.lax.stop_gradient(frozen)
         img_f = jnp.asarray(feats["image_features"], jnp.float32)
         spec_f = jnp.asarray(feats["spectrum_features"], jnp.float32)
-
-        def loss_fn(trainable):
-            params = model_lib.merge(trainable, frozen)
-            image_emb, spectrum_emb = model.heads_from_features(params, img_f, spec_f)
-            return losses.infonce_with_metrics(image_emb, spectrum_emb, model.scale(params))
-
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads),
-                   "learning_rate": opt_state.hyperparams["learning_rate"]}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return train_step_lib.contrastive_update(
+            state, tx, model, frozen, lambda params: model.heads_from_features(params, img_f, spec_f))
 
     return cached_train_step
 

@@ -9,9 +9,10 @@ import csv
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
+
+from astroclip_jax import io_utils
 
 METRICS_FILE = "metrics.jsonl"
 _RESOURCES = os.path.join(os.path.dirname(__file__), "data", "resources")
@@ -192,13 +193,6 @@ def plot_training_curves(metrics_path, out_png, reference=True, batch_size=None,
 
     out_dir = os.path.dirname(os.path.abspath(out_png))
     os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=out_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, out_png)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with io_utils.atomic_path(out_png, suffix=".png") as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     return out_png

@@ -32,14 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import traverse_util
 
 from astroclip_jax import losses
 from astroclip_jax.data import grids
 from astroclip_jax.models import heads, towers
+from astroclip_jax.tree_names import SEP as _SEP
+from astroclip_jax.tree_names import flatten, unflatten
 
 Params = dict[str, Any]
-_SEP = "/"
 _MOCO_HEAD = ("fc_0", "fc_2")  # the image tower's MoCo v2 head layers
 _SPENDER_MLP = re.compile(r"mlp_\d+")  # Spender's own MLP, replaced by the spectrum head
 
@@ -229,15 +229,6 @@ def _moco_head_init(head_vars: Params, moco_head: Mapping[str, Any]) -> Params:
 
 
 # ------------------------------------------------------------------------------ partition
-
-def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested dict -> {"a/b/c": leaf}."""
-    return traverse_util.flatten_dict(tree, sep=_SEP)
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    return traverse_util.unflatten_dict(dict(flat), sep=_SEP)
-
 
 def trainable_patterns(config) -> tuple[str, ...]:
     """The regexes of trainable parameter names; a learned logit scale always trains."""

@@ -22,8 +22,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from astroclip_jax.tree_names import SEP as _SEP
+from astroclip_jax.tree_names import flatten, unflatten
+
 FORMAT_VERSION = 1
-_SEP = "/"
 _EXTRA = "extra"
 
 
@@ -36,30 +38,6 @@ class TowerWeights:
     variables: dict[str, Any]  # nested {"params": {...}, "batch_stats": {...}} of np.ndarray
     extras: dict[str, np.ndarray]
     source: dict[str, Any]
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    """Nested dict -> {"a/b/c": array}."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{_SEP}{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, name))
-        else:
-            flat[name] = np.asarray(value)
-    return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """{"a/b/c": array} -> nested dict."""
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split(_SEP)
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 def save_tower(
@@ -75,7 +53,7 @@ def save_tower(
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    arrays = flatten(variables)
+    arrays = {name: np.asarray(value) for name, value in flatten(variables).items()}
     if any(k.startswith(_EXTRA + _SEP) for k in arrays):
         raise ValueError(f"variables must not have a top-level collection named {_EXTRA!r}")
     for name, value in (extras or {}).items():

@@ -124,21 +124,35 @@ def make_train_step(model: model_lib.AstroCLIP, config,
         images = augment.augment_images(jax.random.fold_in(key, 0), batch["image"], aug)
         spectra = augment.augment_spectra(jax.random.fold_in(key, 1), batch["spectrum"],
                                           pixel_std, aug)
-        frozen = jax.lax.stop_gradient(frozen)
-
-        def loss_fn(trainable):
-            params = model_lib.merge(trainable, frozen)
-            image_emb, spectrum_emb = model.embed(params, images, spectra)
-            return losses.infonce_with_metrics(image_emb, spectrum_emb, model.scale(params))
-
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads),
-                   "learning_rate": opt_state.hyperparams["learning_rate"]}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return contrastive_update(state, tx, model, frozen,
+                                  lambda params: model.embed(params, images, spectra))
 
     return train_step
+
+
+def contrastive_update(state: TrainState, tx: optax.GradientTransformation,
+                       model: model_lib.AstroCLIP, frozen,
+                       embed: Callable[[Any], tuple[jax.Array, jax.Array]]
+                       ) -> tuple[TrainState, Metrics]:
+    """One optimiser step on the InfoNCE loss of `embed(params) -> (image_emb, spectrum_emb)`.
+
+    The gradient is w.r.t. the trainable partition (`state.params`) only; `frozen` enters
+    behind `stop_gradient`. Shared by the online and the cached steps, so both produce the
+    same state and metrics and a run can switch between them.
+    """
+    frozen = jax.lax.stop_gradient(frozen)
+
+    def loss_fn(trainable):
+        params = model_lib.merge(trainable, frozen)
+        image_emb, spectrum_emb = embed(params)
+        return losses.infonce_with_metrics(image_emb, spectrum_emb, model.scale(params))
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads),
+               "learning_rate": opt_state.hyperparams["learning_rate"]}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def make_eval_steps(model: model_lib.AstroCLIP, config) -> tuple[Callable, Callable, Callable]:

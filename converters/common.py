@@ -9,16 +9,16 @@ Flax module's own `jax.eval_shape(init)` shapes. Any violation raises before any
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
-import tempfile
 import urllib.parse
 import urllib.request
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from astroclip_jax import tower_weights
+from astroclip_jax import io_utils, tower_weights
 
 
 class ConversionError(ValueError):
@@ -41,9 +41,7 @@ def fetch(path_or_url: str, cache_dir: str | None = None) -> str:
     dest = os.path.join(cache_dir, name)
     if os.path.isfile(dest):
         return dest
-    fd, tmp = tempfile.mkstemp(prefix=".part-", dir=cache_dir)
-    os.close(fd)
-    try:
+    with io_utils.atomic_path(dest, prefix=".part-") as tmp:
         from tqdm.auto import tqdm
 
         with urllib.request.urlopen(path_or_url) as response, open(tmp, "wb") as out:
@@ -52,12 +50,16 @@ def fetch(path_or_url: str, cache_dir: str | None = None) -> str:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return dest
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (recorded as the converted tower's source)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def torch_load(path: str, safe_globals: Sequence[Any] = (), trust: bool = False) -> Any:
@@ -182,16 +184,9 @@ def convert_strict(
     return out
 
 
-def flat_shapes(abstract_variables: Mapping[str, Any], prefix: str = "") -> dict[str, tuple[int, ...]]:
+def flat_shapes(abstract_variables: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Flattened names ("params/conv1/kernel") -> shapes of a `jax.eval_shape(module.init, ...)` tree."""
-    shapes = {}
-    for key, value in abstract_variables.items():
-        name = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            shapes.update(flat_shapes(value, name))
-        else:
-            shapes[name] = tuple(value.shape)
-    return shapes
+    return {name: tuple(leaf.shape) for name, leaf in tower_weights.flatten(abstract_variables).items()}
 
 
 def cli(description: str, convert: Callable[..., str], argv: Iterable[str] | None = None,

@@ -20,7 +20,6 @@ else is refused with the names of those objects, unless --trust-checkpoint (weig
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 from typing import Any, Mapping
@@ -40,14 +39,6 @@ def _safe_globals() -> list[Any]:
     scalar_reconstruct = np.float64(0).__reduce__()[0]  # numpy's multiarray.scalar
     return [argparse.Namespace, scalar_reconstruct, np.dtype, type(np.dtype(np.float64)),
             type(np.dtype(np.float32)), type(np.dtype(np.int64))]
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _extract_state_dict(obj: Any, name: str) -> tuple[dict[str, Any], str]:
@@ -165,7 +156,7 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False, no
     config = infer_config(state, name, no_head=no_head)
     ignore = [r".*\.num_batches_tracked"] + ([r"fc\..*"] if no_head else [])
     flat = common.convert_strict(state, key_mapping(config), ignore, _expected_shapes(config), name)
-    source = {"file": name, "sha256": _sha256(path), "format": fmt,
+    source = {"file": name, "sha256": common.sha256_file(path), "format": fmt,
               "url": input_path_or_url if common.is_url(input_path_or_url) else None}
     return tower_weights.save_tower(output_dir, KIND, config, tower_weights.unflatten(flat),
                                     source=source, overwrite=overwrite)

@@ -18,7 +18,6 @@ or any shape the Flax module does not expect, raises ConversionError; nothing is
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from typing import Any, Mapping
@@ -35,14 +34,6 @@ from converters.common import ConversionError
 KIND = "spender"
 _N_CONV_BLOCKS = 3  # spender's SpectrumEncoder has exactly three conv blocks
 _EXTRA_BUFFERS = ("instrument.skyline_mask", "instrument.lsf.weight")
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -154,7 +145,7 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False) ->
         extras["wave_obs"] = wave
     source = {
         "input": name,
-        "sha256": _sha256(path),
+        "sha256": common.sha256_file(path),
         "format": fmt,
         "legacy_mlp_naming": legacy_mlp,
         "dropped_redshift_input": bool(dropped_z),

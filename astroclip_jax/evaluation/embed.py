@@ -30,10 +30,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
 import h5py
 import numpy as np
+
+from astroclip_jax import io_utils
 
 EMBEDDINGS_DIR = "embeddings"
 FORMAT_VERSION = 1
@@ -54,19 +55,12 @@ def write_embeddings(path, arrays, meta, key):
     """Write ``arrays`` (name -> array) and ``meta`` to ``path`` atomically."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".h5.tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            for name, value in arrays.items():
-                f.create_dataset(name, data=np.asarray(value))
-            f.attrs["meta"] = json.dumps(meta)
-            f.attrs["checkpoint_key"] = key
-            f.attrs["format_version"] = FORMAT_VERSION
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with io_utils.atomic_path(path, suffix=".h5.tmp") as tmp, h5py.File(tmp, "w") as f:
+        for name, value in arrays.items():
+            f.create_dataset(name, data=np.asarray(value))
+        f.attrs["meta"] = json.dumps(meta)
+        f.attrs["checkpoint_key"] = key
+        f.attrs["format_version"] = FORMAT_VERSION
 
 
 def read_embeddings(path):
