@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import struct
 
 from astroclip_jax import augment
@@ -367,6 +368,7 @@ def compute_features(tower_apply_fns: Mapping[str, Callable], tower_variables: M
     image_fn, spectrum_fn = make_views_fns(tower_apply_fns, spec)
     std = None if pixel_std is None else jnp.asarray(pixel_std, jnp.float32)
     arrays = dict(out) if out is not None else {}
+    bar = tqdm.tqdm(total=n, unit="galaxy", desc="feature cache", disable=log is None)
     for start, count, index in _padded_batches(n, batch_size):
         batch = data.batch(index)
         images, spectra = jnp.asarray(batch["image"]), jnp.asarray(batch["spectrum"])
@@ -381,8 +383,8 @@ def compute_features(tower_apply_fns: Mapping[str, Callable], tower_variables: M
         for name, feats in (("image", fi), ("spectrum", fs)):
             for v, f in enumerate(feats):
                 arrays[name][v, start:start + count] = np.asarray(f)[:count]
-        if log is not None:
-            log(f"feature cache: {start + count}/{n} galaxies")
+        bar.update(count)
+    bar.close()
     return arrays
 
 
