@@ -28,7 +28,10 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     del argv
     module = importlib.import_module(MODES[flags.FLAGS.mode])
-    module.run(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        module.run(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (FileNotFoundError, FileExistsError) as e:  # what is missing or would be overwritten
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -20,7 +20,14 @@ def atomic_path(path: str, prefix: str | None = None, suffix: str | None = None)
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results should read like any file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):  # only after a failure: a replaced tmp is gone
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

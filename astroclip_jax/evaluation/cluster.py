@@ -249,6 +249,7 @@ def run(config, workdir):
     ev = config.eval
     out = plots.result_dir(workdir, "cluster", "results.json", ev.get("overwrite", False))
     arrays, meta = embed.load_or_compute_embeddings(config, workdir)
+    os.makedirs(out, exist_ok=True)
     projections, dbscan, km_labels, report = analyse(
         arrays, ev.umap_neighbors, ev.dbscan_eps, ev.dbscan_min_samples, ev.kmeans_k_min,
         ev.kmeans_k_max, ev.seed, ev.get("dbscan_scale", "raw"))

@@ -174,6 +174,7 @@ def run(config, workdir):
     ev = config.eval
     out = plots.result_dir(workdir, "eval_knn", "results.json", ev.get("overwrite", False))
     arrays, meta = embed.load_or_compute_embeddings(config, workdir)
+    os.makedirs(out, exist_ok=True)
     n_props = len(property_rows(arrays))
     if n_props < 2 * ev.knn_neighbors:
         raise SystemExit(

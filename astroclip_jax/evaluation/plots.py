@@ -6,7 +6,6 @@ Every evaluator writes into ``workdir/<mode>/`` and never replaces an earlier re
 
 import json
 import os
-import tempfile
 
 import matplotlib
 
@@ -14,20 +13,24 @@ matplotlib.use("Agg")  # evaluators run headless; notebooks pick their own backe
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from astroclip_jax.io_utils import atomic_path  # noqa: E402
+
 
 class ResultExists(FileExistsError):
     """A result file exists and config.eval.overwrite is False."""
 
 
 def result_dir(workdir, mode, result_file, overwrite):
-    """``workdir/mode``, created; raises :class:`ResultExists` if ``result_file`` is there."""
+    """``workdir/mode``; raises :class:`ResultExists` if ``result_file`` is there.
+
+    Call it before the expensive work (to refuse early) and create the folder only when there is
+    something to write, so a mode that fails leaves no empty result folder behind."""
     out = os.path.join(workdir, mode)
     path = os.path.join(out, result_file)
     if os.path.exists(path) and not overwrite:
         raise ResultExists(
             f"{path} exists; set config.eval.overwrite=True (--config.eval.overwrite) to "
             "recompute it")
-    os.makedirs(out, exist_ok=True)
     return out
 
 
@@ -44,17 +47,17 @@ def _jsonable(value):
 
 def write_json(path, obj):
     """Write ``obj`` as indented JSON atomically (tmp file + os.replace): never half written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json.tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path, suffix=".json.tmp") as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(_jsonable(obj), f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def save_figure(fig, path):
-    """Save ``fig`` as PNG and close it (figures hold memory until closed)."""
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    """Save ``fig`` as PNG atomically and close it (figures hold memory until closed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path, suffix=".png.tmp") as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -191,6 +191,7 @@ def run(config, workdir):
     ev = config.eval
     out = plots.result_dir(workdir, "search", "results.json", ev.get("overwrite", False))
     arrays, meta = embed.load_or_compute_embeddings(config, workdir)
+    os.makedirs(out, exist_ok=True)
     k = int(ev.search_k)
     scores, score_queries = evaluate(arrays, k, ev.seed)
 
