@@ -1,8 +1,7 @@
 """The embeddings file: pooling vs loops, HDF5 round trip, reuse/stale logic, result guard.
 
-End-to-end (embed mode == notebook Embedder on raw records) needs a trained work directory:
-set ASTROCLIP_EVAL_WORKDIR (and ASTROCLIP_EVAL_DATA_DIR if the data is not in the tfds default)
-to a run of `configs/spender.py:smoke`, or call `restore.verify_round_trip(config, workdir)`.
+End to end (embed mode == notebook Embedder on raw records) on a one-epoch smoke run trained by
+the test, or on the run that ASTROCLIP_EVAL_WORKDIR names (ASTROCLIP_EVAL_DATA_DIR for its data).
 """
 
 import os
@@ -91,14 +90,32 @@ def test_missing_checkpoint_says_what_to_run(tmp_path):
         embed.resolve_checkpoint(str(tmp_path), "best")
 
 
-@pytest.mark.skipif(not os.environ.get("ASTROCLIP_EVAL_WORKDIR"),
-                    reason="set ASTROCLIP_EVAL_WORKDIR to a trained configs/spender.py:smoke run")
-def test_embed_file_equals_notebook_embedder():
+def test_embed_file_equals_notebook_embedder(tmp_path):
+    """Embed mode's file equals the notebook Embedder on raw records. Uses the run named by
+    ASTROCLIP_EVAL_WORKDIR, else trains a one-epoch smoke run here."""
+    import subprocess
+    import sys
+    import tempfile
+
     from configs import spender
 
     from astroclip_jax.evaluation import restore
 
     config = spender.get_config("smoke")
-    config.data.data_dir = os.environ.get("ASTROCLIP_EVAL_DATA_DIR") or config.data.data_dir
-    diff = restore.verify_round_trip(config, os.environ["ASTROCLIP_EVAL_WORKDIR"], n=16)
+    workdir = os.environ.get("ASTROCLIP_EVAL_WORKDIR")
+    if workdir:
+        config.data.data_dir = os.environ.get("ASTROCLIP_EVAL_DATA_DIR") or config.data.data_dir
+    else:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # The prepared tiny dataset shared with the other tests that run main.py.
+        config.data.data_dir = os.path.join(tempfile.gettempdir(), "astroclip_jax_test_tfds")
+        workdir = str(tmp_path / "smoke")
+        proc = subprocess.run(
+            [sys.executable, "main.py", "--config=configs/spender.py:smoke", "--mode=train",
+             f"--workdir={workdir}", f"--config.data.data_dir={config.data.data_dir}",
+             "--config.train.epochs=1"],
+            cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+            timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    diff = restore.verify_round_trip(config, workdir, n=16)
     assert max(diff.values()) <= 1e-5
