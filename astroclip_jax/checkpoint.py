@@ -149,9 +149,15 @@ def restore(workdir: str, which: str = "best"
 
 def restore_model(workdir: str, which: str = "best"):
     """(config, model, params): the full AstroCLIP params (frozen towers + restored heads)."""
+    return restore_model_and_init(workdir, which)[:3]
+
+
+def restore_model_and_init(workdir: str, which: str = "best"):
+    """(config, model, params, initial): as `restore_model`, plus the run's params before any
+    training step (the same build from its seed, so the frozen towers are loaded once)."""
     from astroclip_jax import model as model_lib  # lazy: only evaluation needs the model here
 
     config, trainable, meta = restore(workdir, which)
-    model, params = model_lib.build(config, jax.random.PRNGKey(config.seed))
-    _, frozen = model_lib.partition(params, model_lib.trainable_patterns(config))
-    return config, model, model_lib.merge(trainable, frozen)
+    model, initial = model_lib.build(config, jax.random.PRNGKey(config.seed))
+    _, frozen = model_lib.partition(initial, model_lib.trainable_patterns(config))
+    return config, model, model_lib.merge(trainable, frozen), initial

@@ -199,16 +199,13 @@ def compute_embeddings(config, workdir, split, which):
     from astroclip_jax import sharding
     from astroclip_jax.data import pipeline
 
-    from astroclip_jax import model as model_lib
-
     ckpt_dir, step = resolve_checkpoint(workdir, which)
-    run_config, model, params = ckpt_lib.restore_model(workdir, str(step))
+    # `init_params`: the run's own initialisation, rebuilt from its seed. The same frozen towers
+    # with the heads as they were before training are a baseline for what training added.
+    run_config, model, params, init_params = ckpt_lib.restore_model_and_init(workdir, str(step))
     mesh = sharding.make_mesh()
     params = sharding.replicate(params, mesh)
     embed_fn = make_embed_fn(model, run_config)
-    # Baseline: the same frozen towers with the heads as they were before training (the run's
-    # own initialisation, rebuilt from its seed), to show what contrastive training added.
-    _, init_params = model_lib.build(run_config, jax.random.PRNGKey(run_config.seed))
     untrained = sharding.replicate({**params, "image_head": init_params["image_head"],
                                     "spectrum_head": init_params["spectrum_head"]}, mesh)
     heads_fn = jax.jit(model.heads_from_features)
