@@ -9,10 +9,12 @@ import importlib
 from absl import app, flags
 from ml_collections import config_flags
 
+from astroclip_jax.settings import ConfigError
+
 # Each mode is `run(config, workdir)` in its own module, imported only when chosen.
 MODES = {
     "prepare": "astroclip_jax.data.prepare",
-    "train": "astroclip_jax.train",
+    "train": "astroclip_jax.training.contrastive",
     "embed": "astroclip_jax.evaluation.embed",
     "eval_knn": "astroclip_jax.evaluation.knn",
     "search": "astroclip_jax.evaluation.search",
@@ -30,7 +32,8 @@ def main(argv):
     module = importlib.import_module(MODES[flags.FLAGS.mode])
     try:
         module.run(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (FileNotFoundError, FileExistsError) as e:  # what is missing or would be overwritten
+    # What is missing, what would be overwritten, a config field that is not what it must be.
+    except (FileNotFoundError, FileExistsError, ConfigError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -7,7 +7,7 @@ about ten minutes on a 2-core CPU: small random towers (no pretrained weights ex
 synthetic `default` set (16,384 pairs; generated and prepared on first use, about 4 minutes),
 and the frozen-feature cache (the towers run once over the 8 exact rotations/flips of each
 training image, about 5 minutes; then 80 epochs of 25 steps train the heads at about 7,000
-pairs/s, about 3 minutes). Online augmentation instead: `--config.train.feature_cache=False`.
+pairs/s, about 3 minutes). Online augmentation instead: `--config.feature_cache.enabled=False`.
 
     python main.py --config=configs/spender.py --mode=train --workdir=runs/default
 
@@ -64,7 +64,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Image head: the MoCo v2 head shape; starts from the tower's fc_0/fc_2 when weights exist.
     m.image_head = ml_collections.ConfigDict(dict(hidden=(2048,), out=128, init_from_tower=True))
     # Spectrum head: [256, 256, 256] -> 128 = 230,272 parameters (the paper's count and code).
-    m.spectrum_head = ml_collections.ConfigDict(dict(hidden=(256, 256, 256), out=128))
+    m.spectrum_head = ml_collections.ConfigDict(dict(hidden=(256, 256, 256), out=128,
+                                                     init_from_tower=False))
 
     # ---------------------------------------------------------------- augmentation (on device)
     c.augment = a = ml_collections.ConfigDict()
@@ -73,7 +74,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     a.crop = 96  # final size after rotation; equal to data.image_crop = the paper's order
     a.blur_sigma_max = 1.0
     a.noise_std_max = 0.0
-    a.spectrum_noise_scale = 0.0  # the paper augments images only
+    a.spectrum_noise_scale = 0.0  # x the real DESI per-pixel flux std; the paper augments images only
 
     # ---------------------------------------------------------------- training
     c.train = t = ml_collections.ConfigDict()
@@ -94,11 +95,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     t.val_batch_size = 512
     t.keep_checkpoints = 3  # latest ones kept; the best by validation loss is always kept too
     t.log_every_steps = 10
-    # True: run the frozen towers once over fixed augmented views (8 exact rotations/flips x
-    # image_draws blur/noise draws; spectrum noise draws) and train the heads on cached features.
-    t.feature_cache = True
+
+    # ---------------------------------------------------------------- frozen-feature cache
+    # enabled: run the frozen towers once over fixed augmented views (8 exact rotations/flips x
+    # image_draws blur/noise draws; spectrum_draws noise draws) and train the heads on the cached
+    # features (training/steps.py, `cached_train_step`); False: the online step augments and
+    # runs the towers every step (`online_train_step`). A run may switch on resume.
     c.feature_cache = ml_collections.ConfigDict(dict(
-        image_draws=1, spectrum_draws=4, dtype="float16", batch_size=256, on_device=True))
+        enabled=True, image_draws=1, spectrum_draws=4, dtype="float16", batch_size=256,
+        on_device=True))
     c.feature_cache.dir = ml_collections.config_dict.placeholder(str)  # None: the work dir
 
     # ---------------------------------------------------------------- evaluation

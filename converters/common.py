@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from astroclip_jax import io_utils, tower_weights
+from astroclip_jax import files, tower_weights
 
 
 class ConversionError(ValueError):
@@ -41,7 +41,7 @@ def fetch(path_or_url: str, cache_dir: str | None = None) -> str:
     dest = os.path.join(cache_dir, name)
     if os.path.isfile(dest):
         return dest
-    with io_utils.atomic_path(dest, prefix=".part-") as tmp:
+    with files.atomic_path(dest, prefix=".part-") as tmp:
         from tqdm.auto import tqdm
 
         with urllib.request.urlopen(path_or_url) as response, open(tmp, "wb") as out:

@@ -16,7 +16,6 @@ redshift, z_hp, log_mstar (NaN when unknown), has_props. Inverse variances are n
 """
 
 import dataclasses
-import logging
 import os
 
 import numpy as np
@@ -25,14 +24,18 @@ import tqdm
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
-from astroclip_jax.data import astroclip_desi, grids, provabgs
+from astroclip_jax import wavelength_grids as grids
+from astroclip_jax.data import astroclip_desi, provabgs
 
 TRAIN_FRACTION = 0.8
 _BYTES = tfds.features.Encoding.BYTES
 
 
-def _spill_shuffle_buckets_without_tensorflow() -> None:
+def spill_shuffle_buckets_without_tensorflow() -> None:
     """Lets tfds prepare splits larger than its 1 GB in-memory shuffle buffer without TensorFlow.
+
+    Called by `prepare` just before a dataset is written (not on import: reading needs no
+    patch, and importing this module should change nothing in tfds).
 
     Past that size tfds' Shuffler spills its buckets to local temporary files through
     `tf.io.gfile` (its only TensorFlow use on the ArrayRecord path). Without TensorFlow those
@@ -49,9 +52,6 @@ def _spill_shuffle_buckets_without_tensorflow() -> None:
     shuffle.tf = types.SimpleNamespace(
         io=types.SimpleNamespace(gfile=gfile),
         errors=types.SimpleNamespace(ResourceExhaustedError=MemoryError))
-
-
-_spill_shuffle_buckets_without_tensorflow()
 
 
 def _tensor(shape, dtype):

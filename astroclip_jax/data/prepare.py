@@ -16,52 +16,54 @@ import tempfile
 
 import tensorflow_datasets as tfds
 
+from astroclip_jax import files
+from astroclip_jax import settings as settings_lib
 from astroclip_jax.data import builders
-from astroclip_jax.data.pipeline import field
+from astroclip_jax.settings import DataSettings
 
 
-def make_builder(data_config, data_dir: str | None = None):
-    """The tfds builder the data config names, writing ArrayRecord."""
+def make_builder(data: DataSettings, data_dir: str | None = None):
+    """The tfds builder the data settings name, writing ArrayRecord."""
     kwargs = {}
-    if field(data_config, "name") == "astroclip_desi":
-        kwargs = {"provabgs_path": field(data_config, "provabgs_path"),
-                  "nan_policy": field(data_config, "nan_policy", "raise") or "raise"}
-    return builders.builder(field(data_config, "name"), field(data_config, "builder_config"),
-                            data_dir=data_dir or field(data_config, "data_dir"),
+    if data.name == "astroclip_desi":
+        kwargs = {"provabgs_path": data.provabgs_path, "nan_policy": data.nan_policy}
+    return builders.builder(data.name, data.builder_config, data_dir=data_dir or data.data_dir,
                             file_format="array_record", **kwargs)
 
 
-def _download_config(data_config):
-    manual_dir = field(data_config, "manual_dir")
+def _download_and_prepare(builder, data: DataSettings) -> None:
+    builders.spill_shuffle_buckets_without_tensorflow()
+    builder.download_and_prepare(download_config=_download_config(data))
+
+
+def _download_config(data: DataSettings):
+    manual_dir = data.manual_dir
     return tfds.download.DownloadConfig(
         manual_dir=os.fspath(manual_dir) if manual_dir else None,
         download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
 
 
-def prepare(data_config, *, force: bool = False):
+def prepare(data: DataSettings, *, force: bool = False):
     """Build the dataset unless it is already prepared (or rebuild with `force`); the builder."""
-    builder = make_builder(data_config)
+    builder = make_builder(data)
     final = os.fspath(builder.data_dir)  # <data_dir>/<name>/<config>/<version>
     if os.path.exists(final) and not force:
         logging.info("dataset %s already prepared in %s", builder.info.full_name, final)
         return builder
     if not os.path.exists(final):
-        builder.download_and_prepare(download_config=_download_config(data_config))
+        _download_and_prepare(builder, data)
         _log_summary(builder)
         return builder
     # Rebuild: stage beside the final directory (same filesystem, so renames are atomic).
     root = os.path.dirname(os.path.dirname(os.path.dirname(final)))
     staging = tempfile.mkdtemp(prefix=".staging-", dir=root)
     try:
-        staged = make_builder(data_config, data_dir=staging)
-        staged.download_and_prepare(download_config=_download_config(data_config))
-        backup = final + ".old"
-        os.rename(final, backup)
-        os.rename(os.fspath(staged.data_dir), final)
-        shutil.rmtree(backup)
+        staged = make_builder(data, data_dir=staging)
+        _download_and_prepare(staged, data)
+        files.replace_directory(os.fspath(staged.data_dir), final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    builder = make_builder(data_config)
+    builder = make_builder(data)
     _log_summary(builder)
     return builder
 
@@ -87,9 +89,9 @@ def _log_summary(builder) -> None:
 
 def run(config, workdir: str) -> None:
     """`--mode=prepare`: prepare config.data and write <workdir>/prepare.json."""
-    builder = prepare(config.data)
+    builder = prepare(settings_lib.resolve(config).data)
     info = summary(builder)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "prepare.json"), "w") as f:
+    with files.atomic_path(os.path.join(workdir, "prepare.json")) as tmp, open(tmp, "w") as f:
         json.dump(info, f, indent=2, default=str)
     print(json.dumps(info, indent=2, default=str))

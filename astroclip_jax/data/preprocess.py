@@ -8,6 +8,8 @@ What the frozen towers were trained with:
 
 import numpy as np
 
+from astroclip_jax.settings import DataSettings
+
 # Stein's ToRGB constants. Channel order of the stored cutouts is (g, r, z); ToRGB reorders it
 # to (z, r, g) and applies each band's scale.
 STEIN_BANDS = ("g", "r", "z")
@@ -17,20 +19,23 @@ STEIN_Q = 20.0
 
 IMAGE_TRANSFORMS = ("stein_rgb", "raw")
 SPECTRUM_NORMS = ("zscore", "none")
+ZSCORE_MIN_STD = 0.2
 
 
-def center_crop(images: np.ndarray, size: int) -> np.ndarray:
-    """Central `size` x `size` pixels of (..., H, W, C) images.
+def center_crop(images, size: int):
+    """Central `size` x `size` pixels of (..., H, W, C) images; the input when already that size.
 
     The window starts at H//2 - size//2, which is what Stein's CenterCrop (JitterCrop without
-    jitter) cuts from a 152-pixel cutout: rows 28..123 for size 96.
+    jitter) cuts from a 152-pixel cutout: rows 28..123 for size 96. Plain slicing, so it serves
+    NumPy arrays on the host and JAX arrays inside jitted code alike.
     """
-    images = np.asarray(images)
     if images.ndim < 3:
         raise ValueError(f"center_crop expects (..., H, W, C) images, got shape {images.shape}")
     height, width = images.shape[-3], images.shape[-2]
     if size > height or size > width:
         raise ValueError(f"cannot crop {size}x{size} from {height}x{width} images")
+    if size == height and size == width:
+        return images
     top = height // 2 - size // 2
     left = width // 2 - size // 2
     return images[..., top:top + size, left:left + size, :]
@@ -71,25 +76,53 @@ def transform_images(images: np.ndarray, transform: str) -> np.ndarray:
     raise ValueError(f"unknown image_transform {transform!r}; expected one of {IMAGE_TRANSFORMS}")
 
 
-def zscore_spectra(spectra: np.ndarray, min_std: float = 0.2) -> np.ndarray:
-    """Per-spectrum z-score of (N, L) spectra: (x - mean) / max(std, min_std), float32.
+def zscore_spectra(spectra: np.ndarray, min_std: float = ZSCORE_MIN_STD
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-spectrum z-score of (N, L) spectra: ((x - mean) / s, s) with s = max(std, min_std).
 
     The floor keeps near-empty spectra from being blown up into noise (AstroCLIP v1 clips the std
-    at 0.2). The std is the population std (ddof 0), computed in float64.
+    at 0.2). The std is the population std (ddof 0), computed in float64. `s` (N,) float32 is
+    what a flux difference is divided by, so noise in flux units is noise / s after it.
     """
     spectra = np.asarray(spectra, dtype=np.float64)
     mean = spectra.mean(axis=-1, keepdims=True)
     std = np.maximum(spectra.std(axis=-1, keepdims=True), min_std)
-    return ((spectra - mean) / std).astype(np.float32)
+    return ((spectra - mean) / std).astype(np.float32), std[..., 0].astype(np.float32)
 
 
-def normalise_spectra(spectra: np.ndarray, norm: str) -> np.ndarray:
-    """Apply the configured spectrum normalisation: "zscore" or "none"."""
+def normalise_spectra(spectra: np.ndarray, norm: str) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised spectra, flux units per normalised unit (N,)) for "zscore" or "none"."""
     if norm == "zscore":
         return zscore_spectra(spectra)
     if norm == "none":
-        return np.asarray(spectra, dtype=np.float32)
+        spectra = np.asarray(spectra, dtype=np.float32)
+        return spectra, np.ones(spectra.shape[:-1], np.float32)
     raise ValueError(f"unknown spectrum_norm {norm!r}; expected one of {SPECTRUM_NORMS}")
+
+
+# ---------------------------------------------------------------- the one host preprocessing
+
+def preprocess_images(images: np.ndarray, settings: DataSettings) -> np.ndarray:
+    """Raw (N, H, W, 3) g, r, z flux -> what the image tower sees: centre crop, then transform."""
+    if settings.image_crop:
+        images = center_crop(images, settings.image_crop)
+    return transform_images(images, settings.image_transform)
+
+
+def preprocess_spectra(spectra: np.ndarray, settings: DataSettings
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Raw (N, L) flux -> (normalised spectra, their flux scale (N,)); see `normalise_spectra`."""
+    return normalise_spectra(spectra, settings.spectrum_norm)
+
+
+def preprocess_batch(batch: dict, settings: DataSettings) -> dict:
+    """The host preprocessing of a stacked batch of raw records, for training, the feature
+    cache, evaluation and the notebook alike: `image` cropped and transformed, `spectrum`
+    normalised, and `spectrum_scale` added (flux per normalised unit, for flux-unit noise)."""
+    out = dict(batch)
+    out["image"] = preprocess_images(batch["image"], settings)
+    out["spectrum"], out["spectrum_scale"] = preprocess_spectra(batch["spectrum"], settings)
+    return out
 
 
 def check_grid(data_wave: np.ndarray, encoder_wave: np.ndarray, *, rtol: float = 1e-6) -> None:

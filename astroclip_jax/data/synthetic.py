@@ -12,12 +12,11 @@ Galaxy i depends only on (seed, i): parameters come in fixed blocks of BLOCK gal
 same whichever way a range is cut into calls.
 """
 
-import functools
-from importlib import resources
 
 import numpy as np
 
-from astroclip_jax.data import grids
+from astroclip_jax import wavelength_grids as grids
+from astroclip_jax.data import shipped_files
 from astroclip_jax.data import synthetic_images as simg
 from astroclip_jax.data import synthetic_spectra as sspec
 from astroclip_jax.data.synthetic_spectra import ABSORPTION_LINES, EMISSION_LINES, observed_wavelength  # noqa: F401
@@ -249,18 +248,9 @@ def parameters(n, seed=0, start=0):
 # ---------------------------------------------------------------------------------------------------
 # Rendering.
 
-@functools.cache
-def _desi_std():
-    with resources.files("astroclip_jax.data").joinpath("resources/desi_spectra_std.npz").open("rb") as f:
-        return np.load(f)["spectra_npz"].astype(np.float64)
-
-
 def spectrum_sigma(grid):
     """Per-pixel noise std on `grid`: the real DESI std, interpolated for other grids."""
-    std = _desi_std().copy()
-    if grid == "desi":
-        return std
-    return np.interp(grids.wave(grid), grids.desi_wave(), std)
+    return shipped_files.pixel_std(grid)
 
 
 def kpc_per_pixel(z):

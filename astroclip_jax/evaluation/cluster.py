@@ -22,11 +22,9 @@
 Writes ``workdir/cluster/results.json`` and PNGs beside it.
 """
 
-import os
-
 import numpy as np
 
-from astroclip_jax.evaluation import plots
+from astroclip_jax.evaluation import plots, runner
 
 PAPER_N = 39_599  # test-split galaxies the paper's eps was tuned on
 SILHOUETTE_SAMPLE = 5000  # silhouette is O(N^2): scored on a seeded sample
@@ -242,78 +240,67 @@ def _median_nn(xy):
     return float(np.median(dist[:, 1]))
 
 
-def run(config, workdir):
-    """``--mode=cluster``: UMAP maps, DBSCAN islands, k-Means clusters; JSON + PNGs."""
-    from astroclip_jax.evaluation import embed
+def report(inputs: runner.EvalInputs) -> runner.EvalResult:
+    """The mode's evaluator: UMAP maps, DBSCAN islands, k-Means clusters and their figures."""
+    import matplotlib.pyplot as plt
 
-    ev = config.eval
-    out = plots.result_dir(workdir, "cluster", "results.json", ev.get("overwrite", False))
-    arrays, meta = embed.load_or_compute_embeddings(config, workdir)
-    os.makedirs(out, exist_ok=True)
-    projections, dbscan, km_labels, report = analyse(
+    arrays, meta, ev = inputs.arrays, inputs.meta, inputs.settings
+    projections, dbscan, km_labels, out = analyse(
         arrays, ev.umap_neighbors, ev.dbscan_eps, ev.dbscan_min_samples, ev.kmeans_k_min,
-        ev.kmeans_k_max, ev.seed, ev.get("dbscan_scale", "raw"))
+        ev.kmeans_k_max, ev.seed, ev.dbscan_scale)
+    lines = []
     if not np.any(arrays["has_props"]):
-        print("cluster: no galaxy of this split has properties (z_hp, log_mstar); the maps are "
-              "drawn grey. Prepare the dataset with its property catalogue to colour them.")
-
-    rng = np.random.default_rng(ev.seed)
-    figures = []
-    for kind, xy in projections.items():
-        figures.append(plots.save_figure(
-            plot_property_maps(xy, arrays["z_hp"], arrays["log_mstar"], kind),
-            os.path.join(out, f"umap_{kind}.png")))
+        lines.append("cluster: no galaxy of this split has properties (z_hp, log_mstar); the "
+                     "maps are drawn grey. Prepare the dataset with its property catalogue to "
+                     "colour them.")
+    figures = {f"umap_{kind}.png": plot_property_maps(xy, arrays["z_hp"], arrays["log_mstar"],
+                                                       kind)
+               for kind, xy in projections.items()}
 
     # Sample galaxies: the 6 largest image islands (Fig 12) and every k-Means cluster (13-14).
+    rng = np.random.default_rng(ev.seed)
     islands = list(island_summary(dbscan["image"]))[:6]
     island_rows = {lab: pick_samples(dbscan["image"], lab, N_SAMPLE_IMAGES, rng) for lab in islands}
     km_rows = {int(lab): pick_samples(km_labels, lab, N_SAMPLE_IMAGES, rng)
                for lab in np.unique(km_labels)}
-    wanted = np.unique(np.concatenate([*island_rows.values(), *km_rows.values()]).astype(np.int64))
-    ex = embed.read_examples(config.data, meta["split"], wanted)
-    images = dict(zip(wanted.tolist(), ex["image"]))
-    spectra = dict(zip(wanted.tolist(), ex["spectrum"]))
-
-    import matplotlib.pyplot as plt
+    ex = inputs.examples(np.unique(np.concatenate([*island_rows.values(), *km_rows.values()])))
 
     fig, ax = plt.subplots(figsize=(6, 5.5))
     plot_labels(ax, projections["image"], dbscan["image"],
-                f"image embeddings: DBSCAN (eps={report['eps_applied']:.3g}, min_samples="
+                f"image embeddings: DBSCAN (eps={out['eps_applied']:.3g}, min_samples="
                 f"{ev.dbscan_min_samples})")
-    figures.append(plots.save_figure(fig, os.path.join(out, "dbscan_image.png")))
+    figures["dbscan_image.png"] = fig
     if island_rows:
-        figures.append(plots.save_figure(
-            plot_cluster_images(images, island_rows, "largest image-embedding islands (rows)"),
-            os.path.join(out, "dbscan_image_samples.png")))
+        figures["dbscan_image_samples.png"] = plot_cluster_images(
+            ex["image"], island_rows, "largest image-embedding islands (rows)")
     fig, ax = plt.subplots(figsize=(6, 5.5))
     plot_labels(ax, projections["spectrum"], km_labels,
-                f"spectrum embeddings: k-Means, k={report['kmeans']['best_k']}")
-    figures.append(plots.save_figure(fig, os.path.join(out, "kmeans_spectrum.png")))
-    figures.append(plots.save_figure(
-        plot_cluster_spectra(spectra, ex["wave"], km_rows, "sample spectra per k-Means cluster"),
-        os.path.join(out, "kmeans_spectra.png")))
-    figures.append(plots.save_figure(
-        plot_cluster_images(images, km_rows, "sample images per k-Means cluster (rows)"),
-        os.path.join(out, "kmeans_images.png")))
+                f"spectrum embeddings: k-Means, k={out['kmeans']['best_k']}")
+    figures["kmeans_spectrum.png"] = fig
+    figures["kmeans_spectra.png"] = plot_cluster_spectra(
+        ex["spectrum"], ex["wave"], km_rows, "sample spectra per k-Means cluster")
+    figures["kmeans_images.png"] = plot_cluster_images(
+        ex["image"], km_rows, "sample images per k-Means cluster (rows)")
 
-    report.update({"split": meta["split"], "checkpoint": meta.get("checkpoint"),
-                   "synthetic": meta.get("synthetic", False), "n": int(meta["n"]),
-                   "params": {"umap_neighbors": ev.umap_neighbors, "dbscan_eps": ev.dbscan_eps,
-                              "dbscan_min_samples": ev.dbscan_min_samples,
-                              "dbscan_scale": ev.get("dbscan_scale", "raw"), "seed": ev.seed},
-                   "figures": figures})
-    plots.write_json(os.path.join(out, "results.json"), report)
-    for kind, r in report["dbscan"].items():
+    out.update({"n": int(meta["n"]),
+                "params": {"umap_neighbors": ev.umap_neighbors, "dbscan_eps": ev.dbscan_eps,
+                           "dbscan_min_samples": ev.dbscan_min_samples,
+                           "dbscan_scale": ev.dbscan_scale, "seed": ev.seed}})
+    for kind, r in out["dbscan"].items():
         line = f"cluster {kind:<8} {r['n_islands']} islands, {r['n_noise']} noise"
-        if kind in report["artefact"]:
-            a = report["artefact"][kind]
+        if kind in out["artefact"]:
+            a = out["artefact"][kind]
             line += (f"; artefact island {a['label']}: purity {a['purity']:.2f}, holds "
                      f"{a['recall']:.2f} of {a['n_artefact']} artefacts")
-        print(line)
-    if report["dbscan"]["image"]["n_islands"] == 0:
-        print(f"cluster: DBSCAN found no island at eps {report['eps_applied']:.3g} on "
-              f"{meta['n']} galaxies (the paper's eps suits ~40k); for small samples set "
-              "config.eval.dbscan_scale='density'")
-    print(f"cluster: k-Means best k={report['kmeans']['best_k']} (silhouette); wrote "
-          f"{os.path.join(out, 'results.json')}")
-    return report
+        lines.append(line)
+    if out["dbscan"]["image"]["n_islands"] == 0:
+        lines.append(f"cluster: DBSCAN found no island at eps {out['eps_applied']:.3g} on "
+                     f"{meta['n']} galaxies (the paper's eps suits ~40k); for small samples set "
+                     "config.eval.dbscan_scale='density'")
+    lines.append(f"cluster: k-Means best k={out['kmeans']['best_k']} (silhouette)")
+    return runner.EvalResult(report=out, figures=figures, lines=lines)
+
+
+def run(config, workdir):
+    """``--mode=cluster``: UMAP maps, DBSCAN islands, k-Means clusters; JSON + PNGs."""
+    return runner.run_evaluator(config, workdir, "cluster", report)

@@ -13,7 +13,13 @@ Writes ``workdir/embeddings/<split>.h5`` with one row per galaxy, in the split's
     (synthetic: artefact, log_ssfr, ...)
 
 and attributes: ``meta`` (JSON: split, dataset, checkpoint step/directory, ...) and
-``checkpoint_key`` (a hash of the checkpoint and the data settings the embeddings depend on).
+``embeddings_key`` (a hash of what the rows depend on: the trained parameters, the dataset and
+split, and the host preprocessing; not where the files sit, so a copied run directory or a
+moved dataset reuses its file).
+
+What the model saw comes from the run itself: the model, its parameters and the host
+preprocessing (crop, transform, normalisation, grid) are the checkpoint's; the command line
+chooses only which dataset and split to embed and where its files are.
 
 Why HDF5: one self-describing file of named, typed columns that h5py, astropy
 (``Table.read(path, path=...)``) and pandas (via h5py) open without this package, on any
@@ -21,23 +27,31 @@ machine, and that can be read partially (one column) when it is large. The poole
 "PCA of the raw inputs" k-NN baseline without re-reading the dataset.
 
 The file is written atomically (tmp file + ``os.replace``). Re-running reuses it while its
-``checkpoint_key`` matches; when the checkpoint changed, the stale file is kept under
-``<split>-step<old step>.h5`` and a new one is computed.
+``embeddings_key`` matches; when the checkpoint changed, the stale file is kept under
+``<split>-step<old step>-<old key>.h5`` and a new one is computed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 
 import h5py
+import jax
 import numpy as np
+from tqdm import tqdm
 
-from astroclip_jax import io_utils
+from astroclip_jax import files
+from astroclip_jax import settings as settings_lib
+from astroclip_jax.data import pipeline, preprocess
+from astroclip_jax.evaluation import restore
+from astroclip_jax.settings import DataSettings
+from astroclip_jax.training import sharding
 
 EMBEDDINGS_DIR = "embeddings"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 IMAGE_POOL = 4  # pooled input images for the PCA baseline: 96 px -> 24 px
 SPECTRUM_BIN = 8  # binned input spectra: 7781 px -> 972 bins
 _PROPERTY_COLUMNS = ("targetid", "redshift", "z_hp", "log_mstar", "has_props")
@@ -55,11 +69,11 @@ def write_embeddings(path, arrays, meta, key):
     """Write ``arrays`` (name -> array) and ``meta`` to ``path`` atomically."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with io_utils.atomic_path(path, suffix=".h5.tmp") as tmp, h5py.File(tmp, "w") as f:
+    with files.atomic_path(path, suffix=".h5.tmp") as tmp, h5py.File(tmp, "w") as f:
         for name, value in arrays.items():
             f.create_dataset(name, data=np.asarray(value))
         f.attrs["meta"] = json.dumps(meta)
-        f.attrs["checkpoint_key"] = key
+        f.attrs["embeddings_key"] = key
         f.attrs["format_version"] = FORMAT_VERSION
 
 
@@ -68,7 +82,7 @@ def read_embeddings(path):
     with h5py.File(path, "r") as f:
         arrays = {name: f[name][()] for name in f.keys()}
         meta = json.loads(f.attrs["meta"])
-        key = str(f.attrs.get("checkpoint_key", ""))
+        key = str(f.attrs.get("embeddings_key", ""))
     return arrays, meta, key
 
 
@@ -91,67 +105,31 @@ def bin_spectra(spectra, factor=SPECTRUM_BIN):
     return np.asarray(spectra[:, :m * factor], np.float32).reshape(n, m, factor).mean(axis=2)
 
 
-def checkpoint_key(checkpoint_dir, step, data_config):
-    """Hash of what the embeddings depend on: the checkpoint and the host preprocessing."""
-    fields = {k: data_config.get(k) for k in ("name", "builder_config", "data_dir", "grid",
-                                             "image_crop", "image_transform", "spectrum_norm")}
-    text = json.dumps({"checkpoint": os.path.abspath(checkpoint_dir), "step": int(step),
-                       "data": fields, "format": FORMAT_VERSION}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def is_synthetic(data_config):
-    return str(data_config.get("name", "")).startswith("synthetic")
+def embeddings_key(params, data: DataSettings, split: str) -> str:
+    """Hash of what the rows depend on: the parameter values, the dataset, split and host
+    preprocessing (`DataSettings.preprocessing_key`), and this file format."""
+    digest = hashlib.sha256(json.dumps({"data": data.preprocessing_key(), "split": split,
+                                        "format": FORMAT_VERSION}, sort_keys=True).encode())
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params),
+                             key=lambda pl: jax.tree_util.keystr(pl[0])):
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()[:20]
 
 
 # --------------------------------------------------------------------------------------------
 # Computing
 # --------------------------------------------------------------------------------------------
 
-def resolve_checkpoint(workdir, which):
-    """(checkpoint directory, step) of ``which`` in ``workdir``, with a clear error if none."""
-    from astroclip_jax import checkpoint as ckpt_lib
-
-    try:
-        ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(
-            f"{err}; train first: python main.py --config=... --mode=train --workdir={workdir}"
-        ) from None
-    try:
-        step = ckpt.step_for(which)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"no {which!r} checkpoint in {ckpt.directory}; train first "
-            f"(--mode=train --workdir={workdir})") from None
-    finally:
-        ckpt.close()
-    return ckpt.directory, step
-
-
-def make_embed_fn(model, config):
-    """Jitted (params, images, spectra) -> (image_emb, spectrum_emb, image_feat, spectrum_feat)."""
-    import jax
-
-    from astroclip_jax import model as model_lib
-    from astroclip_jax import train_step
-
-    size = model_lib.image_size(config)
-
-    @jax.jit
-    def embed_fn(params, images, spectra):
-        # Same deterministic crop as the validation step, then towers, then heads.
-        img_f, spec_f = model.tower_features(params, train_step.center_crop(images, size), spectra)
-        img_e, spec_e = model.heads_from_features(params, img_f, spec_f)
-        return img_e, spec_e, img_f, spec_f
-
-    return embed_fn
+def data_for_run(data: DataSettings, run: settings_lib.RunSettings) -> DataSettings:
+    """The dataset the command line names, preprocessed as the run's model saw its data."""
+    return dataclasses.replace(data, grid=run.data.grid, image_crop=run.data.image_crop,
+                               image_transform=run.data.image_transform,
+                               spectrum_norm=run.data.spectrum_norm)
 
 
 def _gather(x):
     """Global array -> host NumPy of all rows (all processes' shares on multi-host)."""
-    import jax
-
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -161,8 +139,6 @@ def _gather(x):
 
 def _gather_host(x):
     """This process's host rows -> all processes' rows, in process order (the global batch)."""
-    import jax
-
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -172,8 +148,6 @@ def _gather_host(x):
 
 def _scalar_extras(source):
     """Names of the scalar per-galaxy fields a data source holds beyond the Batch contract."""
-    from astroclip_jax.data import pipeline
-
     features = source.dataset_info.features
     return [name for name in features.keys()
             if name not in pipeline.BATCH_FIELDS and tuple(features[name].shape) == ()]
@@ -190,51 +164,48 @@ def read_scalar_fields(source, names, n):
     return {name: np.asarray(values, dtype=features[name].np_dtype) for name, values in out.items()}
 
 
-def compute_embeddings(config, workdir, split, which):
-    """(arrays, meta) for every galaxy of ``split`` with the ``which`` checkpoint of ``workdir``."""
-    import jax
-    from tqdm import tqdm
+_DEVICE_COLUMNS = ("image_embedding", "spectrum_embedding", "image_features", "spectrum_features",
+                   "untrained_image_embedding", "untrained_spectrum_embedding")
 
-    from astroclip_jax import checkpoint as ckpt_lib
-    from astroclip_jax import sharding
-    from astroclip_jax.data import pipeline
 
-    ckpt_dir, step = resolve_checkpoint(workdir, which)
-    # `init_params`: the run's own initialisation, rebuilt from its seed. The same frozen towers
-    # with the heads as they were before training are a baseline for what training added.
-    run_config, model, params, init_params = ckpt_lib.restore_model_and_init(workdir, str(step))
+def compute_embeddings(trained: restore.TrainedModel, data: DataSettings, split: str,
+                       batch_size: int):
+    """(arrays, meta) for every galaxy of ``split`` of ``data`` with ``trained``'s model."""
+    model = trained.model
     mesh = sharding.make_mesh()
-    params = sharding.replicate(params, mesh)
-    embed_fn = make_embed_fn(model, run_config)
-    untrained = sharding.replicate({**params, "image_head": init_params["image_head"],
-                                    "spectrum_head": init_params["spectrum_head"]}, mesh)
-    heads_fn = jax.jit(model.heads_from_features)
+    params = sharding.replicate(trained.params, mesh)
+    # The same frozen towers with the heads as they were before training: a baseline for what
+    # training added.
+    untrained = sharding.replicate({**trained.params,
+                                    "image_head": trained.initial_params["image_head"],
+                                    "spectrum_head": trained.initial_params["spectrum_head"]},
+                                   mesh)
 
-    batch_size = int(config.eval.batch_size)
+    @jax.jit
+    def embed_fn(params, untrained, images, spectra):
+        image_features, spectrum_features = model.tower_features(params, images, spectra)
+        return (*model.heads_from_features(params, image_features, spectrum_features),
+                image_features, spectrum_features,
+                *model.heads_from_features(untrained, image_features, spectrum_features))
+
     n_dev = mesh.devices.size
     batch_size = -(-batch_size // n_dev) * n_dev  # whole rows per device
-    loader = pipeline.eval_loader(config.data, split, batch_size, jax.process_index(),
-                                  jax.process_count())
-    source = pipeline.data_source(config.data, split)
-    n_total = len(source)
-
-    parts = {k: [] for k in ("image_embedding", "spectrum_embedding", "image_features",
-                             "spectrum_features", "untrained_image_embedding",
-                             "untrained_spectrum_embedding", "image_inputs", "spectrum_inputs",
+    loader = pipeline.EvalLoader(data, split, batch_size, jax.process_index(),
+                                 jax.process_count())
+    n_total = len(loader.source)
+    parts = {k: [] for k in (*_DEVICE_COLUMNS, "image_inputs", "spectrum_inputs",
                              *_PROPERTY_COLUMNS)}
     with tqdm(total=n_total, unit="galaxy", desc=f"embed {split}",
               disable=jax.process_index() != 0) as bar:
         for batch in loader:
             glob = sharding.shard_batch(batch, mesh, ["image", "spectrum"])
-            outs = embed_fn(params, glob["image"], glob["spectrum"])
-            outs = (*outs, *heads_fn(untrained, outs[2], outs[3]))
+            outs = embed_fn(params, untrained, glob["image"], glob["spectrum"])
             mask = _gather_host(batch["mask"])
-            for name, value in zip(("image_embedding", "spectrum_embedding", "image_features",
-                                    "spectrum_features", "untrained_image_embedding",
-                                    "untrained_spectrum_embedding"), outs):
+            for name, value in zip(_DEVICE_COLUMNS, outs):
                 parts[name].append(_gather(value)[mask].astype(np.float32))
             # Host columns stay on the host (int64 target ids would not survive a 32-bit device).
-            host = {"image_inputs": pool_images(batch["image"]).astype(np.float16),
+            images = preprocess.center_crop(batch["image"], model.image_size)
+            host = {"image_inputs": pool_images(images).astype(np.float16),
                     "spectrum_inputs": bin_spectra(batch["spectrum"]).astype(np.float16),
                     **{k: batch[k] for k in _PROPERTY_COLUMNS}}
             for name, value in host.items():
@@ -243,80 +214,74 @@ def compute_embeddings(config, workdir, split, which):
 
     arrays = {name: np.concatenate(chunks) for name, chunks in parts.items()}
     arrays["index"] = np.arange(len(arrays["targetid"]), dtype=np.int64)
-    extras = _scalar_extras(source)
+    extras = _scalar_extras(loader.source)
     if extras:
-        arrays.update(read_scalar_fields(source, extras, len(arrays["targetid"])))
+        arrays.update(read_scalar_fields(loader.source, extras, len(arrays["targetid"])))
+    run = trained.settings
     meta = {
         "split": split, "n": int(len(arrays["targetid"])),
-        "dataset": f"{config.data.name}/{config.data.builder_config}",
-        "synthetic": is_synthetic(config.data),
-        "checkpoint": {"which": which, "step": int(step), "directory": ckpt_dir},
-        "image_transform": config.data.get("image_transform"),
-        "grid": config.data.get("grid", "desi"),
-        "image_pool": IMAGE_POOL, "spectrum_bin": SPECTRUM_BIN,
+        "dataset": f"{data.name}/{data.builder_config}",
+        "synthetic": data.is_synthetic,
+        "checkpoint": {"step": trained.step, "directory": trained.checkpoint_dir},
+        "image_transform": data.image_transform, "grid": data.grid,
+        "image_size": model.image_size, "image_pool": IMAGE_POOL, "spectrum_bin": SPECTRUM_BIN,
         "n_devices": int(n_dev),
-        "towers": {"image": dict(run_config.model.image_tower),
-                   "spectrum": dict(run_config.model.spectrum_tower)},
+        "towers": {"image": dataclasses.asdict(run.model.image_tower),
+                   "spectrum": dataclasses.asdict(run.model.spectrum_tower)},
     }
     return arrays, meta
 
 
-def load_or_compute_embeddings(config, workdir, split=None, which=None):
-    """(arrays, meta) of ``workdir/embeddings/<split>.h5``, computed first if missing or stale.
+def load_or_compute_embeddings(settings: settings_lib.RunSettings, workdir: str):
+    """(arrays, meta, data) of ``workdir/embeddings/<eval.split>.h5``, computed first if missing
+    or stale, with the ``eval.checkpoint`` checkpoint; ``data`` is the dataset as embedded.
 
-    ``split`` and ``which`` default to ``config.eval.split`` and ``config.eval.checkpoint``.
     Raises FileNotFoundError (saying what to run) when the work directory has no checkpoint.
     """
-    import jax
-
-    split = split or config.eval.split
-    which = which or config.eval.checkpoint
+    split = settings.eval.split
+    trained = restore.restore_trained_model(workdir, settings.eval.checkpoint)
+    data = data_for_run(settings.data, trained.settings)
     path = embeddings_path(workdir, split)
-    ckpt_dir, step = resolve_checkpoint(workdir, which)
-    key = checkpoint_key(ckpt_dir, step, config.data)
+    key = embeddings_key(trained.params, data, split)
     if os.path.exists(path):
         arrays, meta, old_key = read_embeddings(path)
         if old_key == key:
-            return arrays, meta
-        # A different checkpoint: keep the old file under its step, never overwrite it.
-        old = os.path.join(os.path.dirname(path),
-                           f"{split}-step{meta.get('checkpoint', {}).get('step', 'unknown')}.h5")
+            return arrays, meta, data
+        # Made by another checkpoint: keep the old file under its step and key.
+        step = meta.get("checkpoint", {}).get("step", "unknown")
+        old = os.path.join(os.path.dirname(path), f"{split}-step{step}-{old_key[:8]}.h5")
         if jax.process_index() == 0:
             os.replace(path, old)
         print(f"embed: {path} was made with another checkpoint; kept it as {old}")
-    arrays, meta = compute_embeddings(config, workdir, split, which)
+    arrays, meta = compute_embeddings(trained, data, split, settings.eval.batch_size)
     if jax.process_index() == 0:
         write_embeddings(path, arrays, meta, key)
         print(f"embed: wrote {meta['n']} galaxies to {path}")
-    return arrays, meta
+    return arrays, meta, data
 
 
-def read_examples(data_config, split, rows):
+def read_examples(data: DataSettings, split: str, rows, image_size: int):
     """Display images and model-input spectra of records ``rows``, for figures.
 
-    Returns ``{"image": (n, H, W, 3) RGB in [0, 1], "spectrum": (n, L), "wave": (L,)}``: the
-    cropped cutouts in Stein's RGB (the project's display, whatever the model transform) and the
-    normalised spectra the spectrum tower saw, on their wavelength grid.
+    Returns ``{"image": (n, S, S, 3) RGB in [0, 1], "spectrum": (n, L), "wave": (L,)}``: the
+    cutouts cropped as the towers saw them, in Stein's RGB (the project's display, whatever the
+    model transform), and the normalised spectra the spectrum tower saw, on their grid.
     """
-    from astroclip_jax.data import grids, pipeline, preprocess
+    from astroclip_jax import wavelength_grids
     from astroclip_jax.evaluation import plots
 
-    source = pipeline.data_source(data_config, split)
-    records = [source[int(i)] for i in rows]
-    images = np.stack([np.asarray(r["image"], np.float32) for r in records])
-    crop = data_config.get("image_crop")
-    if crop:
-        images = preprocess.center_crop(images, int(crop))
-    images = plots.display_rgb(images)
-    spectra = np.stack([np.asarray(r["spectrum"], np.float32).reshape(-1) for r in records])
-    spectra = preprocess.normalise_spectra(spectra, data_config.get("spectrum_norm", "zscore"))
-    return {"image": images, "spectrum": spectra,
-            "wave": grids.wave(data_config.get("grid", "desi"))}
+    raw = pipeline.read_records(pipeline.data_source(data, split), rows, ("image", "spectrum"))
+    images = raw["image"]
+    if data.image_crop:  # the host crop, then the model's own (as the towers saw them)
+        images = preprocess.center_crop(images, data.image_crop)
+    images = plots.display_rgb(preprocess.center_crop(images, image_size))
+    spectra, _ = preprocess.preprocess_spectra(raw["spectrum"], data)
+    return {"image": images, "spectrum": spectra, "wave": wavelength_grids.wave(data.grid)}
 
 
 def run(config, workdir):
     """``--mode=embed``: write (or confirm up to date) ``workdir/embeddings/<split>.h5``."""
-    arrays, meta = load_or_compute_embeddings(config, workdir)
+    arrays, meta, _ = load_or_compute_embeddings(settings_lib.resolve(config), workdir)
     path = embeddings_path(workdir, meta["split"])
     print(f"embed: {path}: {meta['n']} galaxies, embedding dim "
           f"{arrays['image_embedding'].shape[1]}, checkpoint step {meta['checkpoint']['step']}, "

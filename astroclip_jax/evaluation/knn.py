@@ -14,14 +14,12 @@ the model inputs (fit on the fit part only).
 Writes ``workdir/eval_knn/results.json`` and ``workdir/eval_knn/figure8*.png``.
 """
 
-import os
-
 import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.metrics import r2_score
 from sklearn.neighbors import KNeighborsRegressor
 
-from astroclip_jax.evaluation import plots
+from astroclip_jax.evaluation import plots, runner
 
 # Property name -> column of the embeddings file (the paper's targets: Z_HP and log M*).
 TARGETS = {"redshift": "z_hp", "log_mstar": "log_mstar"}
@@ -167,40 +165,34 @@ def plot_figure8(truths, predictions, scores, methods=("image", "spectrum", "cro
 # Mode
 # --------------------------------------------------------------------------------------------
 
-def run(config, workdir):
-    """``--mode=eval_knn``: score, print the table, write results.json and the Figure 8 PNGs."""
-    from astroclip_jax.evaluation import embed
-
-    ev = config.eval
-    out = plots.result_dir(workdir, "eval_knn", "results.json", ev.get("overwrite", False))
-    arrays, meta = embed.load_or_compute_embeddings(config, workdir)
-    os.makedirs(out, exist_ok=True)
+def report(inputs: runner.EvalInputs) -> runner.EvalResult:
+    """The mode's evaluator: scores, the table, Figure 8."""
+    arrays, ev = inputs.arrays, inputs.settings
     n_props = len(property_rows(arrays))
     if n_props < 2 * ev.knn_neighbors:
         raise SystemExit(
-            f"eval_knn: only {n_props} galaxies of split {meta['split']!r} have properties "
-            "(z_hp and log_mstar); prepare the dataset with its property catalogue (PROVABGS) "
-            "first")
+            f"eval_knn: only {n_props} galaxies of split {inputs.meta['split']!r} have "
+            "properties (z_hp and log_mstar); prepare the dataset with its property catalogue "
+            "(PROVABGS) first")
     scores, predictions, split = evaluate(
         arrays, ev.knn_neighbors, ev.knn_holdout, ev.knn_holdout_fraction, ev.seed)
-    synthetic = meta.get("synthetic", False)
-    table = format_table(scores, synthetic)
-    print(table)
-
+    table = format_table(scores, inputs.meta.get("synthetic", False))
     query = split["query_rows"]
     truths = {t: np.asarray(arrays[c], np.float64)[query] for t, c in TARGETS.items()}
-    figure = plots.save_figure(plot_figure8(truths, predictions, scores),
-                               os.path.join(out, "figure8.png"))
-    plots.write_json(os.path.join(out, "results.json"), {
-        "r2": scores,
-        "reference_r2": {t: {m: {"astroclip_v1": v1, "paper": p} for m, (v1, p) in r.items()}
-                         for t, r in REFERENCE.items()},
-        "reference_is_real_data": True,
-        "ours_on_synthetic_data": synthetic,
-        "split": meta["split"], "checkpoint": meta.get("checkpoint"),
-        "n_with_properties": n_props, "n_fit": len(split["fit_rows"]), "n_query": len(query),
-        "n_neighbors": ev.knn_neighbors, "weights": "distance", "seed": ev.seed,
-        "pca_components": PCA_COMPONENTS, "table": table, "figure": figure,
-    })
-    print(f"eval_knn: wrote {os.path.join(out, 'results.json')} and {figure}")
-    return scores
+    return runner.EvalResult(
+        report={
+            "r2": scores,
+            "reference_r2": {t: {m: {"astroclip_v1": v1, "paper": p} for m, (v1, p) in r.items()}
+                             for t, r in REFERENCE.items()},
+            "reference_is_real_data": True,
+            "ours_on_synthetic_data": inputs.meta.get("synthetic", False),
+            "n_with_properties": n_props, "n_fit": len(split["fit_rows"]), "n_query": len(query),
+            "n_neighbors": ev.knn_neighbors, "weights": "distance", "seed": ev.seed,
+            "pca_components": PCA_COMPONENTS, "table": table},
+        figures={"figure8.png": plot_figure8(truths, predictions, scores)},
+        lines=[table])
+
+
+def run(config, workdir):
+    """``--mode=eval_knn``: score, print the table, write results.json and Figure 8."""
+    return runner.run_evaluator(config, workdir, "eval_knn", report)["r2"]

@@ -1,11 +1,5 @@
-"""Shared output helpers of the evaluators: result folders, JSON, RGB images, common panels.
-
-Every evaluator writes into ``workdir/<mode>/`` and never replaces an earlier result unless
-``config.eval.overwrite`` is set; :func:`result_dir` enforces that in one place.
-"""
-
-import json
-import os
+"""Drawing helpers shared by the evaluators: RGB images of cutouts and common panels.
+(Writing results and figures is the runner's: `runner.py`.)"""
 
 import matplotlib
 
@@ -13,53 +7,6 @@ matplotlib.use("Agg")  # evaluators run headless; notebooks pick their own backe
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from astroclip_jax.io_utils import atomic_path  # noqa: E402
-
-
-class ResultExists(FileExistsError):
-    """A result file exists and config.eval.overwrite is False."""
-
-
-def result_dir(workdir, mode, result_file, overwrite):
-    """``workdir/mode``; raises :class:`ResultExists` if ``result_file`` is there.
-
-    Call it before the expensive work (to refuse early) and create the folder only when there is
-    something to write, so a mode that fails leaves no empty result folder behind."""
-    out = os.path.join(workdir, mode)
-    path = os.path.join(out, result_file)
-    if os.path.exists(path) and not overwrite:
-        raise ResultExists(
-            f"{path} exists; set config.eval.overwrite=True (--config.eval.overwrite) to "
-            "recompute it")
-    return out
-
-
-def _jsonable(value):
-    """Python scalars/lists from NumPy values; NaN stays a float (json writes NaN)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.generic, np.ndarray)):
-        return _jsonable(value.tolist())
-    return value
-
-
-def write_json(path, obj):
-    """Write ``obj`` as indented JSON atomically (tmp file + os.replace): never half written."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_path(path, suffix=".json.tmp") as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(obj), f, indent=2)
-        f.write("\n")
-
-
-def save_figure(fig, path):
-    """Save ``fig`` as PNG atomically and close it (figures hold memory until closed)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_path(path, suffix=".png.tmp") as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------------------------

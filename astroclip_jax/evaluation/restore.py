@@ -1,4 +1,4 @@
-"""Use a trained model from a notebook: raw images and spectra in, normalised embeddings out.
+"""Restore a trained model: the one way, for `--mode=embed` and for a notebook.
 
     from astroclip_jax.evaluation.restore import load_embedder
     emb = load_embedder("runs/desi")                 # best checkpoint; or which="latest"
@@ -6,166 +6,149 @@
     z_spec = emb.embed_spectra(spectra)              # (N, 7781) flux on the DESI grid -> (N, 128)
     similarity = z_img @ z_spec.T                    # cosine similarity (rows are unit vectors)
 
-The inputs get exactly the host preprocessing of training (centre crop to ``data.image_crop``,
-``data.image_transform``, per-spectrum z-score), read from the checkpoint's own config, then the
-deterministic centre crop of the evaluation step. The checkpoint is restored against an
-abstract tree on one local device, so a run written on N GPUs opens on one CPU or GPU. The
-frozen towers are reloaded from the converted-weight directories named in the checkpoint's
-config (``model.*.weights``; relative paths resolve from the current directory) or, when the
-run used random towers, re-initialised from its seed.
+`restore_trained_model` reads the checkpoint against an abstract tree on one local device (so a
+run written on N GPUs opens on one CPU or GPU), resolves the run's own config, and rebuilds
+the frozen towers from the converted-weight directories it names (`model.*.weights`; relative
+paths resolve from the current directory) or, when the run used random towers, from its seed.
+The `Embedder` applies the run's own host preprocessing (`data.preprocess`) and the model's
+embedding methods, so its output equals the embed mode's file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Any
 
+import jax
+import ml_collections
 import numpy as np
 
-_BATCH = 256  # rows per jitted call: bounded device memory for any N
+from astroclip_jax import settings as settings_lib
+from astroclip_jax.data import preprocess
+from astroclip_jax.models import astroclip, partition
+from astroclip_jax.training import checkpoint as checkpoint_lib
+
+_BUCKETS = (8, 32, 128, 256)  # rows per jitted call: few compiled shapes, bounded memory
 
 
-def _workdir_and_step(path, which):
-    """A work directory, its ``checkpoints`` folder, or one ``checkpoints/<step>`` folder."""
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """A restored run: its settings, model and params, and its params before training."""
+
+    settings: settings_lib.RunSettings  # the run's own (its checkpoint's config)
+    config: ml_collections.ConfigDict
+    model: astroclip.AstroCLIP
+    params: dict[str, Any]  # frozen towers + trained heads
+    initial_params: dict[str, Any]  # the same towers with the heads before any training step
+    step: int
+    checkpoint_dir: str
+
+
+def _workdir_and_which(path: str, which: str) -> tuple[str, str]:
+    """A work directory, its `checkpoints` folder, or one `checkpoints/<step>` folder."""
     path = os.path.abspath(path)
-    base = os.path.basename(path)
-    parent = os.path.dirname(path)
-    if base.isdigit() and os.path.basename(parent) == "checkpoints":
+    base, parent = os.path.basename(path), os.path.dirname(path)
+    if base.isdigit() and os.path.basename(parent) == checkpoint_lib.CHECKPOINT_DIR:
         return os.path.dirname(parent), base
-    if base == "checkpoints":
+    if base == checkpoint_lib.CHECKPOINT_DIR:
         return parent, which
     return path, which
+
+
+def restore_trained_model(workdir_or_checkpoint: str, which: str = "best") -> TrainedModel:
+    """The run in `workdir_or_checkpoint` (a work directory, its `checkpoints/` folder, or one
+    `checkpoints/<step>` folder) at checkpoint `which`: "best", "latest" or a step number."""
+    workdir, which = _workdir_and_which(workdir_or_checkpoint, str(which))
+    try:
+        ckpt = checkpoint_lib.Checkpointer(workdir, read_only=True)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{err}; train first: python main.py --config=... --mode=train --workdir={workdir}"
+        ) from None
+    try:
+        try:
+            step = ckpt.step_for(which)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no {which!r} checkpoint in {ckpt.directory}; train first "
+                                    f"(--mode=train --workdir={workdir})") from None
+        state, meta = ckpt.restore(step)
+    finally:
+        ckpt.close()
+    config = ml_collections.ConfigDict(meta["config"])
+    settings = settings_lib.resolve(config)
+    model, initial = astroclip.build(settings.model, jax.random.PRNGKey(settings.seed))
+    _, frozen = partition.partition(initial, settings.train.trainable)
+    return TrainedModel(settings=settings, config=config, model=model,
+                        params=partition.merge(state["params"], frozen), initial_params=initial,
+                        step=int(step), checkpoint_dir=ckpt.directory)
 
 
 class Embedder:
     """A restored AstroCLIP model with NumPy-in, NumPy-out embedding methods.
 
-    Attributes: ``config`` (the run's config), ``step`` (checkpoint step), ``model``, ``params``.
+    Attributes: `trained` (the `TrainedModel`), `config` (the run's), `step`, `model`, `params`.
     """
 
-    def __init__(self, config, model, params, step):
-        import jax
-
-        from astroclip_jax import model as model_lib
-        from astroclip_jax import train_step
-
-        self.config, self.model, self.params, self.step = config, model, params, step
-        size = model_lib.image_size(config)
-
-        def image_fn(params, images):
-            images = train_step.center_crop(images, size)
-            features = model.image_features(params, images)
-            # The image half of model.heads_from_features (one modality at a time here).
-            return _normalise(model.image_head.apply(params["image_head"], features))
-
-        def spectrum_fn(params, spectra):
-            features = model.spectrum_features(params, spectra)
-            return _normalise(model.spectrum_head.apply(params["spectrum_head"], features))
-
-        self._image_fn = jax.jit(image_fn)
-        self._spectrum_fn = jax.jit(spectrum_fn)
+    def __init__(self, trained: TrainedModel):
+        self.trained = trained
+        self.config, self.step = trained.config, trained.step
+        self.model, self.params = trained.model, trained.params
+        self._data = trained.settings.data
+        self._image_fn = jax.jit(trained.model.embed_images)
+        self._spectrum_fn = jax.jit(trained.model.embed_spectra)
 
     # ---------------------------------------------------------------- host preprocessing
-    def preprocess_images(self, images):
+    def preprocess_images(self, images) -> np.ndarray:
         """Raw (N, H, W, 3) g, r, z flux -> what the image tower saw in training (NumPy)."""
-        from astroclip_jax.data import preprocess
-
         images = np.asarray(images, np.float32)
         if images.ndim == 3:
             images = images[None]
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected (N, H, W, 3) g, r, z images, got shape {images.shape}")
-        crop = self.config.data.get("image_crop")
-        if crop and images.shape[1] > crop:
-            images = preprocess.center_crop(images, int(crop))
-        return preprocess.transform_images(images, self.config.data.get("image_transform",
-                                                                        "stein_rgb"))
+        return preprocess.preprocess_images(images, self._data)
 
-    def preprocess_spectra(self, spectra):
+    def preprocess_spectra(self, spectra) -> np.ndarray:
         """Raw (N, L) or (N, L, 1) flux -> normalised spectra as in training (NumPy)."""
-        from astroclip_jax.data import grids, preprocess
-
         spectra = np.asarray(spectra, np.float32)
         if spectra.ndim == 3 and spectra.shape[-1] == 1:  # upstream stores (N, L, 1)
             spectra = spectra[..., 0]
         if spectra.ndim == 1:
             spectra = spectra[None]
-        length = len(grids.wave(self.config.data.get("grid", "desi")))
+        length = self.trained.settings.model.spectrum_length
         if spectra.ndim != 2 or spectra.shape[1] != length:
-            raise ValueError(f"expected (N, {length}) spectra on the "
-                             f"{self.config.data.get('grid', 'desi')} grid, got {spectra.shape}")
-        return preprocess.normalise_spectra(spectra, self.config.data.get("spectrum_norm",
-                                                                          "zscore"))
+            raise ValueError(f"expected (N, {length}) spectra on the {self._data.grid} grid, "
+                             f"got shape {spectra.shape}")
+        return preprocess.preprocess_spectra(spectra, self._data)[0]
 
     # ---------------------------------------------------------------- embedding
-    def embed_images(self, images, preprocessed=False):
+    def embed_images(self, images, preprocessed: bool = False) -> np.ndarray:
         """(N, D) L2-normalised image embeddings of raw flux images (NumPy float32)."""
-        x = images if preprocessed else self.preprocess_images(images)
-        return _batched(self._image_fn, self.params, np.asarray(x, np.float32))
+        x = np.asarray(images, np.float32) if preprocessed else self.preprocess_images(images)
+        return self._batched(self._image_fn, x, self.model.image_head.out)
 
-    def embed_spectra(self, spectra, preprocessed=False):
+    def embed_spectra(self, spectra, preprocessed: bool = False) -> np.ndarray:
         """(N, D) L2-normalised spectrum embeddings of raw flux spectra (NumPy float32)."""
-        x = spectra if preprocessed else self.preprocess_spectra(spectra)
-        return _batched(self._spectrum_fn, self.params, np.asarray(x, np.float32))
+        x = np.asarray(spectra, np.float32) if preprocessed else self.preprocess_spectra(spectra)
+        return self._batched(self._spectrum_fn, x, self.model.spectrum_head.out)
+
+    def _batched(self, fn, x: np.ndarray, dim: int) -> np.ndarray:
+        """`fn` over rows of `x` in chunks zero-padded to a few fixed sizes (one compile each)."""
+        out = [np.zeros((0, dim), np.float32)]
+        largest = _BUCKETS[-1]
+        for start in range(0, len(x), largest):
+            chunk = x[start:start + largest]
+            size = next(b for b in _BUCKETS if b >= len(chunk))
+            padded = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:],
+                                                     chunk.dtype)])
+            out.append(np.asarray(jax.device_get(fn(self.params, padded)))[:len(chunk)])
+        return np.concatenate(out).astype(np.float32)
 
 
-def _normalise(x):
-    import jax.numpy as jnp
+def load_embedder(workdir_or_checkpoint: str, which: str = "best") -> Embedder:
+    """Restore a run for notebook use: an `Embedder` on this machine's first device.
 
-    from astroclip_jax import losses
-
-    return losses.l2_normalize(jnp.asarray(x))
-
-
-def _batched(fn, params, x):
-    """Apply ``fn`` in fixed-size batches (the last one zero-padded: one compiled shape)."""
-    import jax
-
-    out = []
-    for start in range(0, len(x), _BATCH):
-        chunk = x[start:start + _BATCH]
-        pad = _BATCH - len(chunk) if len(x) > _BATCH else 0
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        out.append(np.asarray(jax.device_get(fn(params, chunk)))[:len(chunk) - pad])
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
-
-
-def load_embedder(workdir_or_checkpoint, which="best"):
-    """Restore a run for notebook use: an :class:`Embedder` on this machine's first device.
-
-    ``workdir_or_checkpoint``: a work directory, its ``checkpoints/`` folder, or one
-    ``checkpoints/<step>`` folder; ``which``: "best" (lowest validation loss), "latest" or a step.
+    `workdir_or_checkpoint`: a work directory, its `checkpoints/` folder, or one
+    `checkpoints/<step>` folder; `which`: "best" (lowest validation loss), "latest" or a step.
     """
-    from astroclip_jax import checkpoint as ckpt_lib
-    from astroclip_jax.evaluation import embed
-
-    workdir, which = _workdir_and_step(workdir_or_checkpoint, str(which))
-    _, step = embed.resolve_checkpoint(workdir, which)
-    config, model, params = ckpt_lib.restore_model(workdir, str(step))
-    return Embedder(config, model, params, step)
-
-
-def verify_round_trip(config, workdir, n=16, atol=1e-5):
-    """Max |difference| between the embed mode's file and a fresh :class:`Embedder` on raw data.
-
-    Reads the first ``n`` raw records of ``config.eval.split``, embeds them with
-    :func:`load_embedder` (notebook path: host preprocessing here, one device) and compares with
-    the rows of ``workdir/embeddings/<split>.h5`` (computed if missing: loader path, sharded).
-    Raises AssertionError beyond ``atol`` (float32 on differently batched/sharded calls).
-    """
-    from astroclip_jax.data import pipeline
-    from astroclip_jax.evaluation import embed
-
-    arrays, _ = embed.load_or_compute_embeddings(config, workdir)
-    source = pipeline.data_source(config.data, config.eval.split)
-    n = min(n, len(source))
-    records = [source[i] for i in range(n)]
-    embedder = load_embedder(workdir, config.eval.checkpoint)
-    got_img = embedder.embed_images(np.stack([r["image"] for r in records]))
-    got_spec = embedder.embed_spectra(np.stack([r["spectrum"] for r in records]))
-    diff = {"image": float(np.max(np.abs(got_img - arrays["image_embedding"][:n]))),
-            "spectrum": float(np.max(np.abs(got_spec - arrays["spectrum_embedding"][:n])))}
-    if max(diff.values()) > atol:
-        path = embed.embeddings_path(workdir, config.eval.split)
-        raise AssertionError(f"restored embeddings differ from {path} by {diff} (> {atol})")
-    return diff
+    return Embedder(restore_trained_model(workdir_or_checkpoint, which))

@@ -16,11 +16,9 @@ the top-1 / in the top-k. Writes ``workdir/search/results.json`` and ``figure6.p
 ``figure7_<direction>.png``.
 """
 
-import os
-
 import numpy as np
 
-from astroclip_jax.evaluation import plots
+from astroclip_jax.evaluation import plots, runner
 
 DIRECTIONS = {
     "image_to_image": ("image_embedding", "image_embedding"),
@@ -184,45 +182,34 @@ def _smooth(y, width=9):
 # Mode
 # --------------------------------------------------------------------------------------------
 
-def run(config, workdir):
-    """``--mode=search``: retrieval figures for the query galaxies and the |delta z| score."""
-    from astroclip_jax.evaluation import embed
-
-    ev = config.eval
-    out = plots.result_dir(workdir, "search", "results.json", ev.get("overwrite", False))
-    arrays, meta = embed.load_or_compute_embeddings(config, workdir)
-    os.makedirs(out, exist_ok=True)
-    k = int(ev.search_k)
+def report(inputs: runner.EvalInputs) -> runner.EvalResult:
+    """The mode's evaluator: the |delta z| scores, the query galaxies' neighbours, Figs 6-7."""
+    arrays, ev = inputs.arrays, inputs.settings
+    k = ev.search_k
     scores, score_queries = evaluate(arrays, k, ev.seed)
-
-    queries = choose_queries(arrays, ev.get("search_targetids", None), ev.search_queries, ev.seed)
+    queries = choose_queries(arrays, ev.search_targetids, ev.search_queries, ev.seed)
     results = {name: cosine_topk(arrays[a][queries], arrays[b], k, exclude=queries)[0]
                for name, (a, b) in DIRECTIONS.items()}
-    rows = np.unique(np.concatenate([queries, *[r.ravel() for r in results.values()]]))
-    ex = embed.read_examples(config.data, meta["split"], rows)
-    # Figures index examples by row number of the embeddings table.
-    images = dict(zip(rows.tolist(), ex["image"]))
-    spectra = dict(zip(rows.tolist(), ex["spectrum"]))
+    ex = inputs.examples(np.unique(np.concatenate([queries, *[r.ravel()
+                                                              for r in results.values()]])))
     z = np.asarray(arrays["redshift"], np.float64)
-    figures = [plots.save_figure(plot_figure6(images, queries, results, z),
-                                 os.path.join(out, "figure6.png"))]
+    figures = {"figure6.png": plot_figure6(ex["image"], queries, results, z)}
     for name in ("spectrum_to_spectrum", "image_to_spectrum"):
-        figures.append(plots.save_figure(
-            plot_figure7(spectra, images, ex["wave"], queries, results[name], z,
-                         name.replace("_to_", " -> ")),
-            os.path.join(out, f"figure7_{name}.png")))
-
+        figures[f"figure7_{name}.png"] = plot_figure7(
+            ex["spectrum"], ex["image"], ex["wave"], queries, results[name], z,
+            name.replace("_to_", " -> "))
     targetid = arrays["targetid"]
-    plots.write_json(os.path.join(out, "results.json"), {
-        "scores": scores, "k": k, "n_score_queries": len(score_queries),
-        "queries": [{"targetid": int(targetid[q]), "redshift": float(z[q]),
-                     **{name: [int(targetid[i]) for i in results[name][r]] for name in results}}
-                    for r, q in enumerate(queries)],
-        "split": meta["split"], "checkpoint": meta.get("checkpoint"),
-        "synthetic": meta.get("synthetic", False), "figures": figures,
-    })
-    for name, s in scores.items():
-        print(f"search {name:<22} median |dz| top-{k} {s['median_abs_dz_topk']:.4f} "
-              f"vs random {s['median_abs_dz_random']:.4f}")
-    print(f"search: wrote {os.path.join(out, 'results.json')}")
-    return scores
+    return runner.EvalResult(
+        report={"scores": scores, "k": k, "n_score_queries": len(score_queries),
+                "queries": [{"targetid": int(targetid[q]), "redshift": float(z[q]),
+                             **{name: [int(targetid[i]) for i in results[name][r]]
+                                for name in results}}
+                            for r, q in enumerate(queries)]},
+        figures=figures,
+        lines=[f"search {name:<22} median |dz| top-{k} {s['median_abs_dz_topk']:.4f} "
+               f"vs random {s['median_abs_dz_random']:.4f}" for name, s in scores.items()])
+
+
+def run(config, workdir):
+    """``--mode=search``: retrieval figures for the query galaxies and the |delta z| score."""
+    return runner.run_evaluator(config, workdir, "search", report)["scores"]

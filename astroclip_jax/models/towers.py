@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from astroclip_jax import tower_weights
+from astroclip_jax.models import tower_weights
 
 KINDS = ("resnet", "spender")
 

@@ -12,14 +12,10 @@ import os
 
 import numpy as np
 
-from astroclip_jax import io_utils
+from astroclip_jax import files
+from astroclip_jax.data import shipped_files
 
 METRICS_FILE = "metrics.jsonl"
-_RESOURCES = os.path.join(os.path.dirname(__file__), "data", "resources")
-PAPER_CURVES = {
-    "train": os.path.join(_RESOURCES, "vrikkis_wandb_export_train_loss.csv"),
-    "val": os.path.join(_RESOURCES, "vrikkis_wandb_export_val_loss.csv"),
-}
 
 
 def _to_python(value):
@@ -168,11 +164,10 @@ def plot_training_curves(metrics_path, out_png, reference=True, batch_size=None,
         ax_loss.plot(*_series(records, val_key), "o-", ms=3, color="C1", label="validation (this run)")
     if reference:
         for split, color in (("train", "C0"), ("val", "C1")):
-            if os.path.exists(PAPER_CURVES[split]):
-                epoch, loss = read_paper_curve(PAPER_CURVES[split])
-                name = "train" if split == "train" else "validation"
-                ax_loss.plot(epoch, loss, "-.", color=color, alpha=0.5,
-                             label=f"{name} (paper's run; wandb step converted to epoch)")
+            epoch, loss = read_paper_curve(shipped_files.paper_curve_path(split))
+            name = "train" if split == "train" else "validation"
+            ax_loss.plot(epoch, loss, "-.", color=color, alpha=0.5,
+                         label=f"{name} (paper's run; wandb step converted to epoch)")
     if batch_size:
         ax_loss.axhline(math.log(batch_size), ls="--", color="k",
                         label=f"chance ln(B) = {math.log(batch_size):.3f} (B = {batch_size})")
@@ -193,6 +188,6 @@ def plot_training_curves(metrics_path, out_png, reference=True, batch_size=None,
 
     out_dir = os.path.dirname(os.path.abspath(out_png))
     os.makedirs(out_dir, exist_ok=True)
-    with io_utils.atomic_path(out_png, suffix=".png") as tmp, open(tmp, "wb") as f:
+    with files.atomic_path(out_png, suffix=".png") as tmp, open(tmp, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
     return out_png

@@ -16,14 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
 
-from astroclip_jax.tree_names import SEP as _SEP
-from astroclip_jax.tree_names import flatten, unflatten
+from astroclip_jax import files
+from astroclip_jax.flat_tree import SEP as _SEP
+from astroclip_jax.flat_tree import flatten, unflatten
 
 FORMAT_VERSION = 1
 _EXTRA = "extra"
@@ -64,23 +63,10 @@ def save_tower(
         "config": dict(config),
         "source": dict(source or {}),
     }
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
-    try:
+    with files.atomic_directory(out_dir) as tmp:
         np.savez(os.path.join(tmp, "variables.npz"), **arrays)
         with open(os.path.join(tmp, "tower.json"), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
-        if os.path.exists(out_dir):
-            old = out_dir + ".old-" + os.path.basename(tmp)
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

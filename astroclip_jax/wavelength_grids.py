@@ -16,9 +16,11 @@ def sdss_wave() -> np.ndarray:
     return 10 ** np.arange(3.578, 3.97, 1e-4)
 
 
+GRIDS = {"desi": desi_wave, "sdss": sdss_wave}
+
+
 def wave(name: str) -> np.ndarray:
     """The grid called `name` ("desi" or "sdss")."""
-    grids = {"desi": desi_wave, "sdss": sdss_wave}
-    if name not in grids:
-        raise ValueError(f"unknown wavelength grid {name!r}; expected one of {sorted(grids)}")
-    return grids[name]()
+    if name not in GRIDS:
+        raise ValueError(f"unknown wavelength grid {name!r}; expected one of {sorted(GRIDS)}")
+    return GRIDS[name]()

@@ -5,8 +5,7 @@ the whole batch (no vmap needed by the caller, no host round-trips), so it runs 
 jitted train step on global, sharded arrays. Shapes and the config values are static
 (Python numbers read at trace time); only the key and the arrays are traced.
 
-Config fields read by ``augment_images`` / ``augment_spectra`` (a dict or ConfigDict; a
-missing field means "off"):
+Settings read by ``augment_images`` / ``augment_spectra`` (``settings.AugmentSettings``):
 
   rotation (bool)               random rotation by a uniform angle in [0, 2 pi), bilinear.
   flip (bool)                   horizontal and vertical flips, each with p = 0.5 per image.
@@ -14,7 +13,11 @@ missing field means "off"):
   blur_sigma_max (float)        Gaussian blur, sigma ~ U[0, blur_sigma_max] per image; 0 = off.
   noise_std_max (float)         additive Gaussian noise, std ~ U[0, noise_std_max] per image
                                 (upstream ``AddGaussianNoise``); 0 = off.
-  spectrum_noise_scale (float)  spectrum noise ``scale * pixel_std * N(0, 1)``; 0 = off.
+  spectrum_noise_scale (float)  spectrum noise of ``scale * pixel_std`` in flux units; 0 = off.
+                                The spectra arrive normalised (z-scored by the host), so the
+                                flux-unit std is divided by each spectrum's ``spectrum_scale``
+                                (the std the z-score divided by): the noise has the real DESI
+                                amplitude relative to each galaxy's own flux.
 
 Image order: rotation -> flips -> centre crop -> blur -> noise. The crop comes after the
 rotation so that, when the input is larger than the crop, the corners the rotation fills
@@ -23,27 +26,17 @@ model sees (and the noise must not itself be blurred). With rotation on, rotatio
 crop run as one gather (``rotate_flip_crop``), which is the same map sampled once.
 """
 
-import importlib.resources
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from astroclip_jax.data.preprocess import center_crop
+from astroclip_jax.settings import AugmentSettings
+
 
 # ---------------------------------------------------------------- deterministic pieces
-
-def center_crop(images, size):
-    """Centre crop (B, H, W, C) to (B, size, size, C), starting at ``H//2 - size//2``.
-
-    Same window as ``data.preprocess.center_crop`` (Stein's CenterCrop).
-    """
-    height, width = images.shape[1], images.shape[2]
-    if size > height or size > width:
-        raise ValueError(f"crop {size} larger than image {height}x{width}")
-    top, left = height // 2 - size // 2, width // 2 - size // 2
-    return images[:, top:top + size, left:left + size, :]
-
 
 def rotate(images, angles, fill=0.0):
     """Rotate each image counter-clockwise by ``angles`` (B,) radians about its centre.
@@ -210,49 +203,52 @@ def gaussian_noise(key, images, std_range):
     return images + std[:, None, None, None] * noise
 
 
-def spectrum_noise(key, spectra, pixel_std, scale):
-    """Add ``scale * pixel_std * N(0, 1)`` to spectra (B, L); ``pixel_std`` is (L,).
+def spectrum_noise(key, spectra, spectrum_scale, pixel_std, scale):
+    """Add noise of std ``scale * pixel_std`` flux units to normalised spectra (B, L).
 
-    ``pixel_std`` is the real per-pixel scatter of DESI spectra (``load_desi_pixel_std``);
-    the caller must pass it in the same units as ``spectra``.
+    ``pixel_std`` (L,) is a per-pixel flux std on the spectra's grid (the real DESI scatter,
+    ``data.shipped_files.pixel_std(grid)``); ``spectrum_scale`` (B,) is the flux per unit of
+    the normalised spectra (``data.preprocess.preprocess_batch``), so in normalised units the
+    std is ``scale * pixel_std / spectrum_scale``.
     """
     noise = jax.random.normal(key, spectra.shape, spectra.dtype)
-    return spectra + scale * jnp.asarray(pixel_std, spectra.dtype) * noise
+    return spectra + spectrum_noise_std(spectra, spectrum_scale, pixel_std, scale) * noise
 
 
-def load_desi_pixel_std():
-    """The shipped per-pixel std of DESI EDR spectra, float32 (7781,) on the DESI grid."""
-    ref = importlib.resources.files("astroclip_jax.data") / "resources" / "desi_spectra_std.npz"
-    with ref.open("rb") as f, np.load(f) as data:
-        return np.asarray(data["spectra_npz"], np.float32)
+def spectrum_noise_std(spectra, spectrum_scale, pixel_std, scale):
+    """(B, L) std, in the units of the normalised `spectra`, of `scale * pixel_std` flux."""
+    if pixel_std.shape[-1] != spectra.shape[-1]:
+        raise ValueError(f"pixel_std has {pixel_std.shape[-1]} pixels, the spectra "
+                         f"{spectra.shape[-1]}: use the std on the spectra's own grid")
+    return (scale * jnp.asarray(pixel_std, spectra.dtype)[None, :]
+            / jnp.asarray(spectrum_scale, spectra.dtype)[:, None])
 
 
 # ---------------------------------------------------------------- composers
 
-def augment_images(key, images, cfg):
+def augment_images(key, images, aug: AugmentSettings):
     """Apply the configured image augmentations (order in the module docstring)."""
     k_rot, k_flip, k_blur, k_noise = jax.random.split(key, 4)
-    batch, crop = images.shape[0], int(cfg.get("crop", 0) or 0)
-    if cfg.get("rotation", False):
+    batch, crop = images.shape[0], aug.crop
+    if aug.rotation:
         # Rotation, flips and crop as one gather (same draws as the separate steps).
         angles = _uniform(k_rot, batch, 0.0, 2.0 * math.pi)
-        horizontal, vertical = _flip_bits(k_flip, batch) if cfg.get("flip", False) else (None, None)
+        horizontal, vertical = _flip_bits(k_flip, batch) if aug.flip else (None, None)
         images = rotate_flip_crop(images, angles, horizontal, vertical, crop or None)
     else:
-        if cfg.get("flip", False):
+        if aug.flip:
             images = random_flips(k_flip, images)
         if crop:
             images = center_crop(images, crop)
-    if cfg.get("blur_sigma_max", 0.0) > 0:
-        images = gaussian_blur(k_blur, images, (0.0, float(cfg["blur_sigma_max"])))
-    if cfg.get("noise_std_max", 0.0) > 0:
-        images = gaussian_noise(k_noise, images, (0.0, float(cfg["noise_std_max"])))
+    if aug.blur_sigma_max > 0:
+        images = gaussian_blur(k_blur, images, (0.0, aug.blur_sigma_max))
+    if aug.noise_std_max > 0:
+        images = gaussian_noise(k_noise, images, (0.0, aug.noise_std_max))
     return images
 
 
-def augment_spectra(key, spectra, pixel_std, cfg):
-    """Apply the configured spectrum augmentation (noise from the real per-pixel std)."""
-    scale = float(cfg.get("spectrum_noise_scale", 0.0))
-    if scale > 0:
-        spectra = spectrum_noise(key, spectra, pixel_std, scale)
+def augment_spectra(key, spectra, spectrum_scale, pixel_std, aug: AugmentSettings):
+    """Apply the configured spectrum augmentation (noise from the real per-pixel flux std)."""
+    if aug.spectrum_noise_scale > 0:
+        spectra = spectrum_noise(key, spectra, spectrum_scale, pixel_std, aug.spectrum_noise_scale)
     return spectra

@@ -1,13 +1,14 @@
 """Orbax checkpoints of what training changes, and restoring them anywhere.
 
     workdir/checkpoints/<step>/state   TrainState: trainable params, Adam state (with the
-                                       current learning rate), step, rng      (Orbax arrays)
-                               /meta    epoch, plateau state, data position, val loss, the
-                                        config                                (JSON)
+                                       current learning rate), step (which is also the data
+                                       position), rng                         (Orbax arrays)
+                               /meta    epoch, the trainer's schedule state (the plateau
+                                        rule), val loss, the config           (JSON)
                                /metrics {"val_loss": ...}  (what "best" is ranked by)
 
 Frozen towers are not saved: they are reloaded from their converted-weights directories
-(or re-initialised from the seed) by `model.build(config, ...)`.
+(or re-initialised from the seed) by `models.astroclip.build`.
 
 One CheckpointManager keeps the union of two preservation policies: the latest
 `keep` checkpoints (to resume) and the single best by validation loss (to evaluate), so the
@@ -15,9 +16,9 @@ best survives however long training runs on without improving. Orbax writes each
 checkpoint into a temporary directory and renames it when complete, so a killed run leaves
 either a whole checkpoint or none (leftover temporaries are cleaned on the next start).
 
-`restore(workdir)` needs neither the training mesh nor the towers: it rebuilds an abstract
-target from the checkpoint's own metadata, placed on one local device, so a checkpoint written
-on N GPUs opens on one CPU.
+`Checkpointer.restore(step)` without a target needs neither the training mesh nor the towers:
+it rebuilds an abstract target from the checkpoint's own metadata, placed on one local device,
+so a checkpoint written on N GPUs opens on one CPU (`evaluation/restore.py` builds on it).
 """
 
 from __future__ import annotations
@@ -92,8 +93,11 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             metrics={_METRIC: float(val_loss)})
 
-    def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
-        """(state, meta) of `step`, restored into `abstract_state`'s structure and shardings."""
+    def restore(self, step: int, abstract_state=None) -> tuple[Any, dict[str, Any]]:
+        """(state, meta) of `step`, restored into `abstract_state`'s structure and shardings,
+        or, without one, as the saved tree of nested dicts on this process's first device."""
+        if abstract_state is None:
+            abstract_state = self.abstract_state_from_metadata(step)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
@@ -116,48 +120,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def restore_state(workdir: str, which: str = "best"
-                  ) -> tuple[ml_collections.ConfigDict, dict[str, Any], dict[str, Any]]:
-    """(config, state, meta) of a run, on one local device, in a fresh process.
-
-    `which` is "best" (lowest validation loss), "latest", or a step number. `state` is the
-    saved TrainState as nested dicts ({"step", "params", "opt_state", "rng"}), restored
-    against an abstract target built from the checkpoint's metadata, so neither the training
-    mesh nor the model code is needed.
-    """
-    ckpt = Checkpointer(workdir, read_only=True)
-    try:
-        step = ckpt.step_for(which)
-        abstract = ckpt.abstract_state_from_metadata(step)
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    finally:
-        ckpt.close()
-    meta = restored["meta"]
-    return ml_collections.ConfigDict(meta["config"]), restored["state"], meta
-
-
-def restore(workdir: str, which: str = "best"
-            ) -> tuple[ml_collections.ConfigDict, dict[str, Any], dict[str, Any]]:
-    """(config, trainable params, meta): see `restore_state`. The params are the trainable
-    partition (the heads by default); `restore_model` adds the frozen towers."""
-    config, state, meta = restore_state(workdir, which)
-    return config, state["params"], meta
-
-
-def restore_model(workdir: str, which: str = "best"):
-    """(config, model, params): the full AstroCLIP params (frozen towers + restored heads)."""
-    return restore_model_and_init(workdir, which)[:3]
-
-
-def restore_model_and_init(workdir: str, which: str = "best"):
-    """(config, model, params, initial): as `restore_model`, plus the run's params before any
-    training step (the same build from its seed, so the frozen towers are loaded once)."""
-    from astroclip_jax import model as model_lib  # lazy: only evaluation needs the model here
-
-    config, trainable, meta = restore(workdir, which)
-    model, initial = model_lib.build(config, jax.random.PRNGKey(config.seed))
-    _, frozen = model_lib.partition(initial, model_lib.trainable_patterns(config))
-    return config, model, model_lib.merge(trainable, frozen), initial

@@ -22,9 +22,10 @@ DATA_AXIS = "data"
 _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 
 
-def maybe_initialize_distributed(config) -> None:
-    """`jax.distributed.initialize()` if `config.multihost` or a coordinator is in the environment."""
-    wanted = bool(config.get("multihost", False)) or any(v in os.environ for v in _MULTIHOST_ENV)
+def maybe_initialize_distributed(multihost: bool) -> None:
+    """`jax.distributed.initialize()` if `multihost` (the config's) or a coordinator is in the
+    environment."""
+    wanted = multihost or any(v in os.environ for v in _MULTIHOST_ENV)
     if wanted and not jax.distributed.is_initialized():
         jax.distributed.initialize()
         logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())

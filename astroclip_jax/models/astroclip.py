@@ -8,11 +8,12 @@ All parameters live in one dict
     {"image_tower": {"params", "batch_stats"}, "spectrum_tower": {"params"},
      "image_head": {"params"}, "spectrum_head": {"params"}[, "logit_scale": {"log_scale"}]}
 
-and are split into a trainable and a frozen part by regexes over flattened names
-("image_head/params/fc_0/kernel"), big_vision style: `config.train.trainable` lists the
-patterns (matched with `re.fullmatch`). Only the trainable part reaches the optimiser and
-the gradient; the frozen part enters the loss behind `stop_gradient`. BatchNorm statistics
-are never trainable (they are running averages, not parameters).
+split into a trainable and a frozen part by `partition.py`.
+
+The model's methods are the one embedding function of the project: training (online and
+cached), the feature cache, `--mode=embed` and the notebook `Embedder` all call them. Images
+are centre-cropped on the device to the towers' input size (a no-op when the host or the
+augmentation already cropped them).
 
 The towers come from converted weight directories (`model.*.weights`) or, when none is
 given, are randomly initialised at a named size (with a loud warning: a random tower is only
@@ -33,15 +34,26 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from astroclip_jax import losses
-from astroclip_jax.data import grids
+from astroclip_jax import wavelength_grids
+from astroclip_jax.data.preprocess import center_crop
+from astroclip_jax.flat_tree import SEP as _SEP
+from astroclip_jax.flat_tree import flatten, unflatten
 from astroclip_jax.models import heads, towers
-from astroclip_jax.tree_names import SEP as _SEP
-from astroclip_jax.tree_names import flatten, unflatten
+from astroclip_jax.settings import ModelSettings, TowerSettings
 
 Params = dict[str, Any]
 _MOCO_HEAD = ("fc_0", "fc_2")  # the image tower's MoCo v2 head layers
 _SPENDER_MLP = re.compile(r"mlp_\d+")  # Spender's own MLP, replaced by the spectrum head
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-3) -> jax.Array:
+    """``x / max(||x||_2, eps)`` along the last axis (torch ``F.normalize``, as upstream).
+
+    Written as ``sqrt(max(sum x^2, eps^2))`` so the gradient stays finite at ``x = 0``
+    (``jnp.linalg.norm`` has a NaN gradient there).
+    """
+    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +64,12 @@ class AstroCLIP:
     spectrum_tower: nn.Module
     image_head: heads.MLPHead
     spectrum_head: heads.MLPHead
-    logit_scale: float = losses.DEFAULT_LOGIT_SCALE  # used unless params hold a learned one
+    image_size: int  # side of the images the towers see
+    logit_scale: float  # used unless params hold a learned one
 
+    # ---------------------------------------------------------------- the frozen towers
     def image_features(self, params: Params, images: jax.Array) -> jax.Array:
+        images = center_crop(images, self.image_size)
         return self.image_tower.apply(params["image_tower"], images)["features"]
 
     def spectrum_features(self, params: Params, spectra: jax.Array) -> jax.Array:
@@ -66,17 +81,32 @@ class AstroCLIP:
         """The towers alone: (image features, spectrum features). Frozen work, cacheable."""
         return self.image_features(params, images), self.spectrum_features(params, spectra)
 
+    # ---------------------------------------------------------------- the heads
+    def image_embedding(self, params: Params, image_features: jax.Array) -> jax.Array:
+        return l2_normalize(self.image_head.apply(params["image_head"], image_features))
+
+    def spectrum_embedding(self, params: Params, spectrum_features: jax.Array) -> jax.Array:
+        return l2_normalize(self.spectrum_head.apply(params["spectrum_head"], spectrum_features))
+
     def heads_from_features(self, params: Params, image_features: jax.Array,
                             spectrum_features: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The heads alone, on tower features: L2-normalised (image_emb, spectrum_emb)."""
-        img = self.image_head.apply(params["image_head"], image_features)
-        spec = self.spectrum_head.apply(params["spectrum_head"], spectrum_features)
-        return losses.l2_normalize(img), losses.l2_normalize(spec)
+        return (self.image_embedding(params, image_features),
+                self.spectrum_embedding(params, spectrum_features))
+
+    # ---------------------------------------------------------------- towers + heads
+    def embed_images(self, params: Params, images: jax.Array) -> jax.Array:
+        """(N, out) normalised image embeddings of preprocessed images."""
+        return self.image_embedding(params, self.image_features(params, images))
+
+    def embed_spectra(self, params: Params, spectra: jax.Array) -> jax.Array:
+        """(N, out) normalised spectrum embeddings of preprocessed spectra."""
+        return self.spectrum_embedding(params, self.spectrum_features(params, spectra))
 
     def embed(self, params: Params, images: jax.Array, spectra: jax.Array
               ) -> tuple[jax.Array, jax.Array]:
         """Normalised (image_emb, spectrum_emb), each (N, out)."""
-        return self.heads_from_features(params, *self.tower_features(params, images, spectra))
+        return self.embed_images(params, images), self.embed_spectra(params, spectra)
 
     def scale(self, params: Params) -> jax.Array:
         """The logit scale: learned (exp of `logit_scale/log_scale`) or the fixed config value."""
@@ -87,27 +117,18 @@ class AstroCLIP:
 
 # ------------------------------------------------------------------------------- building
 
-def image_size(config) -> int:
-    """Side of the images the towers see: the augmentation's final crop, else the host crop."""
-    return int(config.augment.get("crop") or config.data.image_crop)
-
-
-def spectrum_length(config) -> int:
-    return len(grids.wave(config.data.grid))
-
-
-def _tower(kind: str, tower_cfg, rng: jax.Array, example_shape: Sequence[int]
+def _tower(kind: str, tower: TowerSettings, rng: jax.Array, example_shape: Sequence[int]
            ) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
     """(module config, variables, extras) from converted weights or a random init."""
-    if tower_cfg.get("weights"):
-        _, variables, weights = towers.load_tower_module(tower_cfg.weights, kind=kind)
-        logging.info("%s tower: converted weights from %s", kind, tower_cfg.weights)
+    if tower.weights:
+        _, variables, weights = towers.load_tower_module(tower.weights, kind=kind)
+        logging.info("%s tower: converted weights from %s", kind, tower.weights)
         return dict(weights.config), variables, dict(weights.extras)
     logging.warning(
         "\n" + "!" * 78 + "\n!! %s tower: NO WEIGHTS GIVEN (model.*.weights is None) -> RANDOMLY "
         "INITIALISED %r tower.\n!! Fine for tests and the synthetic demo; meaningless for real "
-        "science.\n" + "!" * 78, kind.upper(), tower_cfg.size)
-    module_cfg = towers.tower_config(kind, tower_cfg.size)
+        "science.\n" + "!" * 78, kind.upper(), tower.size)
+    module_cfg = towers.tower_config(kind, tower.size)
     abstract = jax.eval_shape(towers.build_tower(kind, module_cfg).init, rng,
                               jnp.zeros(tuple(example_shape), jnp.float32))
     return module_cfg, random_tower_variables(abstract, rng), {}
@@ -144,30 +165,29 @@ def random_tower_variables(abstract: Mapping[str, Any], rng: jax.Array) -> dict[
     return unflatten(flat)
 
 
-def _check_grid(config, extras: Mapping[str, np.ndarray]) -> None:
+def _check_grid(model: ModelSettings, extras: Mapping[str, np.ndarray]) -> None:
     """The spectra must be on the wavelength grid the Spender tower was trained on."""
     if "wave_obs" not in extras:
         return
     wave_obs = np.asarray(extras["wave_obs"], np.float64).ravel()
-    data_wave = grids.wave(config.data.grid)
+    data_wave = wavelength_grids.wave(model.grid)
     if wave_obs.shape != data_wave.shape or not np.allclose(wave_obs, data_wave, rtol=0, atol=1e-3):
         raise ValueError(
-            f"spectrum tower {config.model.spectrum_tower.weights} was trained on a grid of "
+            f"spectrum tower {model.spectrum_tower.weights} was trained on a grid of "
             f"{wave_obs.size} pixels [{wave_obs[0]:.2f}, {wave_obs[-1]:.2f}] A, but "
-            f"data.grid={config.data.grid!r} has {data_wave.size} pixels "
+            f"data.grid={model.grid!r} has {data_wave.size} pixels "
             f"[{data_wave[0]:.2f}, {data_wave[-1]:.2f}] A: use the matching grid or weights")
 
 
-def build(config, rng: jax.Array) -> tuple[AstroCLIP, Params]:
+def build(settings: ModelSettings, rng: jax.Array) -> tuple[AstroCLIP, Params]:
     """The model and its full params (towers loaded or random, heads initialised)."""
-    mc = config.model
+    mc = settings
     k_img, k_spec, k_ihead, k_shead = jax.random.split(rng, 4)
-    size = image_size(config)
-    length = spectrum_length(config)
+    size, length = settings.image_size, settings.spectrum_length
 
     spec_cfg, spec_vars, spec_extras = _tower("spender", mc.spectrum_tower, k_spec, (1, length))
-    if mc.spectrum_tower.get("weights"):
-        _check_grid(config, spec_extras)  # before any expensive work
+    if mc.spectrum_tower.weights:
+        _check_grid(settings, spec_extras)  # before any expensive work
     img_cfg, img_vars, _ = _tower("resnet", mc.image_tower, k_img, (1, size, size, 3))
 
     # The frozen image tower stops at its pooled features; its MoCo head moves to the image head.
@@ -184,7 +204,7 @@ def build(config, rng: jax.Array) -> tuple[AstroCLIP, Params]:
         spectrum_tower=towers.build_tower("spender", spec_cfg),
         image_head=heads.MLPHead(hidden=tuple(mc.image_head.hidden), out=mc.image_head.out),
         spectrum_head=heads.MLPHead(hidden=tuple(mc.spectrum_head.hidden), out=mc.spectrum_head.out),
-        logit_scale=float(config.train.logit_scale),
+        image_size=size, logit_scale=mc.logit_scale,
     )
     params: Params = {"image_tower": img_vars, "spectrum_tower": spec_vars}
     # Strict check: the loaded (or edited) tower trees are exactly what the modules expect.
@@ -198,11 +218,10 @@ def build(config, rng: jax.Array) -> tuple[AstroCLIP, Params]:
     params["image_head"] = jax.jit(model.image_head.init)(k_ihead, jnp.zeros(img_feat.shape))
     params["spectrum_head"] = jax.jit(model.spectrum_head.init)(k_shead,
                                                                 jnp.zeros(spec_feat.shape))
-    if mc.image_head.get("init_from_tower") and mc.image_tower.get("weights"):
+    if mc.image_head.init_from_tower and mc.image_tower.weights:
         params["image_head"] = _moco_head_init(params["image_head"], moco_head)
-    if config.train.get("learn_logit_scale"):
-        params["logit_scale"] = {"log_scale": jnp.asarray(math.log(config.train.logit_scale),
-                                                          jnp.float32)}
+    if mc.learn_logit_scale:
+        params["logit_scale"] = {"log_scale": jnp.asarray(math.log(mc.logit_scale), jnp.float32)}
     return model, params
 
 
@@ -226,49 +245,3 @@ def _moco_head_init(head_vars: Params, moco_head: Mapping[str, Any]) -> Params:
                          f"shape of the tower's MoCo head ({e}); set image_head.hidden/out to the "
                          "MoCo sizes or init_from_tower=False") from None
     return {"params": jax.tree.map(jnp.asarray, dict(moco_head))}
-
-
-# ------------------------------------------------------------------------------ partition
-
-def trainable_patterns(config) -> tuple[str, ...]:
-    """The regexes of trainable parameter names; a learned logit scale always trains."""
-    patterns = tuple(config.train.trainable)
-    if config.train.get("learn_logit_scale"):
-        patterns += (r"logit_scale/.*",)
-    return patterns
-
-
-def is_trainable(name: str, patterns: Sequence[str]) -> bool:
-    if _SEP + "batch_stats" + _SEP in _SEP + name:  # running averages are never trained
-        return False
-    return any(re.fullmatch(p, name) for p in patterns)
-
-
-def partition(params: Params, patterns: Sequence[str]) -> tuple[Params, Params]:
-    """(trainable, frozen): two nested dicts with disjoint leaves, by regex over flat names.
-
-    Raises if a pattern matches no parameter (a typo would otherwise silently freeze all).
-    """
-    flat = flatten(params)
-    for p in patterns:
-        if not any(re.fullmatch(p, name) for name in flat):
-            raise ValueError(f"config.train.trainable pattern {p!r} matches no parameter; "
-                             f"names look like {sorted(flat)[:3]}")
-    trainable = {k: v for k, v in flat.items() if is_trainable(k, patterns)}
-    frozen = {k: v for k, v in flat.items() if k not in trainable}
-    return unflatten(trainable), unflatten(frozen)
-
-
-def merge(trainable: Params, frozen: Params) -> Params:
-    """Inverse of `partition`."""
-    flat = flatten(frozen)
-    for name, value in flatten(trainable).items():
-        if name in flat:
-            raise ValueError(f"{name} is both trainable and frozen")
-        flat[name] = value
-    return unflatten(flat)
-
-
-def param_counts(params: Params) -> dict[str, int]:
-    """Scalars per top-level part ("image_tower", ...)."""
-    return {k: heads.num_params(v) for k, v in params.items()}

@@ -13,17 +13,7 @@ directions with labels ``arange(B)``. The scale is multiplied (15.5, fixed, a co
 import jax
 import jax.numpy as jnp
 
-DEFAULT_LOGIT_SCALE = 15.5
-
-
-def l2_normalize(x, eps=1e-3):
-    """Return ``x / max(||x||_2, eps)`` along the last axis (torch ``F.normalize``).
-
-    Written as ``sqrt(max(sum x^2, eps^2))`` so the gradient stays finite at ``x = 0``
-    (``jnp.linalg.norm`` has a NaN gradient there).
-    """
-    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+from astroclip_jax.models.astroclip import l2_normalize
 
 
 def _cross_entropy_rows(logits, mask):
@@ -39,7 +29,7 @@ def _cross_entropy_rows(logits, mask):
     return loss, hit
 
 
-def infonce_with_metrics(image_emb, spectrum_emb, logit_scale=DEFAULT_LOGIT_SCALE,
+def infonce_with_metrics(image_emb, spectrum_emb, logit_scale,
                          mask=None, eps=1e-3):
     """Symmetric InfoNCE loss and its parts.
 
@@ -93,6 +83,6 @@ def infonce_with_metrics(image_emb, spectrum_emb, logit_scale=DEFAULT_LOGIT_SCAL
     return loss, metrics
 
 
-def infonce(image_emb, spectrum_emb, logit_scale=DEFAULT_LOGIT_SCALE, mask=None, eps=1e-3):
+def infonce(image_emb, spectrum_emb, logit_scale, mask=None, eps=1e-3):
     """Symmetric InfoNCE loss (scalar); see ``infonce_with_metrics``."""
     return infonce_with_metrics(image_emb, spectrum_emb, logit_scale, mask, eps)[0]

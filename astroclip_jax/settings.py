@@ -1,0 +1,259 @@
+"""The config, resolved once per mode into frozen, typed settings that the code below receives.
+
+    settings = settings_lib.resolve(config)     # at the top of every mode's `run`
+    settings.data.image_crop, settings.model.image_size, settings.train.batch_size, ...
+
+Every default lives in the config file (`configs/spender.py`); nothing here or below invents
+one. A field the config lacks is an error that names it (`config field data.grid is missing`),
+and values are converted to the declared type (JSON turns tuples into lists, so a config read
+back from a checkpoint resolves to the same settings as the one that wrote it).
+
+Derived values are computed here, once, instead of by each reader:
+  model.image_size       the side of the images the towers see (augment.crop, else data.image_crop)
+  model.spectrum_length  pixels of the configured wavelength grid
+  train.trainable        the trainable-name regexes, plus the logit scale's when it is learned
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping
+
+from astroclip_jax import wavelength_grids
+
+
+class ConfigError(ValueError):
+    """A config field is missing or has a value of the wrong kind."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """What to read and how the host preprocesses it (config section `data`)."""
+
+    name: str  # "synthetic_desi" | "astroclip_desi"
+    builder_config: str
+    data_dir: str | None  # None: the tfds default
+    manual_dir: str | None
+    provabgs_path: str | None
+    grid: str  # wavelength grid of the spectra
+    image_crop: int  # host centre crop; 0 keeps the whole cutout
+    image_transform: str  # "stein_rgb" | "raw"
+    spectrum_norm: str  # "zscore" | "none"
+    nan_policy: str  # "raise" | "mask"
+    num_workers: int  # grain worker processes; 0 = this process
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.name.startswith("synthetic")
+
+    def preprocessing_key(self) -> dict[str, Any]:
+        """What the model's inputs depend on (the dataset and the host preprocessing), not
+        where the files sit: a moved or re-mounted data_dir keys the same."""
+        return {"name": self.name, "builder_config": self.builder_config, "grid": self.grid,
+                "image_crop": self.image_crop, "image_transform": self.image_transform,
+                "spectrum_norm": self.spectrum_norm}
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerSettings:
+    kind: str  # "resnet" | "spender"
+    size: str  # a named size of the module ("resnet50", "small", "test", ...)
+    weights: str | None  # a converted tower directory; None = random init at `size`
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSettings:
+    hidden: tuple[int, ...]
+    out: int
+    init_from_tower: bool  # start from the tower's own MoCo head (image head only)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    image_tower: TowerSettings
+    spectrum_tower: TowerSettings
+    image_head: HeadSettings
+    spectrum_head: HeadSettings
+    logit_scale: float
+    learn_logit_scale: bool
+    grid: str  # the spectra's grid, checked against the Spender tower's own
+    image_size: int  # derived: the side of the images the towers see
+    spectrum_length: int  # derived: pixels of `grid`
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentSettings:
+    """On-device augmentations of the online step (and of the cached views)."""
+
+    rotation: bool
+    flip: bool
+    crop: int  # final size after rotation; 0 = no crop
+    blur_sigma_max: float
+    noise_std_max: float
+    spectrum_noise_scale: float  # times the real per-pixel DESI flux std; 0 = off
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureCacheSettings:
+    """Frozen towers run once over fixed views; the epochs then train the heads only."""
+
+    enabled: bool
+    image_draws: int
+    spectrum_draws: int
+    dtype: str
+    batch_size: int
+    on_device: bool
+    dir: str | None  # None: the work directory
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    batch_size: int
+    epochs: int
+    learning_rate: float
+    adam_b1: float
+    adam_b2: float
+    adam_eps: float
+    plateau_factor: float
+    plateau_patience: int
+    plateau_threshold: float
+    trainable: tuple[str, ...]  # derived: includes the logit scale's when it is learned
+    train_split: str
+    val_split: str
+    val_batch_size: int
+    keep_checkpoints: int
+    log_every_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    split: str
+    batch_size: int
+    checkpoint: str  # "best" | "latest" | a step number
+    knn_neighbors: int
+    knn_holdout: int
+    knn_holdout_fraction: float
+    seed: int
+    search_k: int
+    search_queries: int
+    search_targetids: tuple[int, ...]
+    umap_neighbors: int
+    dbscan_eps: float
+    dbscan_min_samples: int
+    dbscan_scale: str
+    kmeans_k_min: int
+    kmeans_k_max: int
+    overwrite: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    seed: int
+    multihost: bool
+    data: DataSettings
+    model: ModelSettings
+    augment: AugmentSettings
+    feature_cache: FeatureCacheSettings
+    train: TrainSettings
+    eval: EvalSettings
+
+
+# Fields computed from others (not read from the config).
+_DERIVED = {"ModelSettings": ("grid", "image_size", "spectrum_length")}
+# Fields that live in another section of the config file than in the settings.
+_MOVED = {("ModelSettings", "logit_scale"): "train", ("ModelSettings", "learn_logit_scale"): "train"}
+
+
+def _get(section: Any, name: str, where: str) -> Any:
+    try:
+        return section[name]
+    except (KeyError, AttributeError, TypeError):
+        raise ConfigError(f"config field {where}.{name} is missing") from None
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """`value` as the declared type `hint` (a dataclass, tuple[T, ...], X | None, a scalar)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return hint(**_read(hint, value, where))
+    if origin in (types.UnionType, typing.Union):  # X | None
+        if value is None:
+            return None
+        return _convert(value, next(a for a in args if a is not type(None)), where)
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise ConfigError(f"config field {where} must be a sequence, got {value!r}")
+        return tuple(_convert(v, args[0], where) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config field {where} must be True or False, got {value!r}")
+        return value
+    if hint in (int, float, str):
+        if value is None:
+            raise ConfigError(f"config field {where} must be a {hint.__name__}, got None")
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config field {where} must be a {hint.__name__}, got {value!r}") \
+                from None
+    raise TypeError(f"no conversion to {hint!r} for {where}")  # a bug in this module
+
+
+def _read(cls: type, section: Any, where: str, root: Any = None) -> Any:
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.name in _DERIVED.get(cls.__name__, ()):
+            continue
+        moved = _MOVED.get((cls.__name__, field.name))
+        src, src_where = (_get(root, moved, "config"), moved) if moved else (section, where)
+        values[field.name] = _convert(_get(src, field.name, src_where), hints[field.name],
+                                      f"{src_where}.{field.name}")
+    return values
+
+
+def resolve(config: Mapping[str, Any]) -> RunSettings:
+    """The typed settings of a config (a ConfigDict, or the dict a checkpoint stores)."""
+    data = DataSettings(**_read(DataSettings, _get(config, "data", "config"), "data"))
+    if data.grid not in wavelength_grids.GRIDS:
+        raise ConfigError(f"config field data.grid is {data.grid!r}; expected one of "
+                          f"{sorted(wavelength_grids.GRIDS)}")
+    augment = AugmentSettings(**_read(AugmentSettings, _get(config, "augment", "config"),
+                                      "augment"))
+    model_section = _get(config, "model", "config")
+    model_values = _read(ModelSettings, model_section, "model", root=config)
+    model = ModelSettings(
+        **model_values, grid=data.grid, image_size=augment.crop or data.image_crop,
+        spectrum_length=len(wavelength_grids.wave(data.grid)))
+    if model.image_size <= 0:
+        raise ConfigError("config fields augment.crop and data.image_crop are both 0: the "
+                          "towers need a fixed image size")
+    train_values = _read(TrainSettings, _get(config, "train", "config"), "train")
+    if model.learn_logit_scale:  # a learned scale always trains
+        train_values["trainable"] += (r"logit_scale/.*",)
+    return RunSettings(
+        seed=_convert(_get(config, "seed", "config"), int, "seed"),
+        multihost=_convert(_get(config, "multihost", "config"), bool, "multihost"),
+        data=data, model=model, augment=augment,
+        feature_cache=FeatureCacheSettings(**_read(
+            FeatureCacheSettings, _get(config, "feature_cache", "config"), "feature_cache")),
+        train=TrainSettings(**train_values),
+        eval=EvalSettings(**_read(EvalSettings, _get(config, "eval", "config"), "eval")),
+    )
+
+
+def to_dict(settings: Any) -> dict[str, Any]:
+    """Plain, JSON-able dicts of settings (for metadata and logs)."""
+    return dataclasses.asdict(settings)
+
+
+def config_json(config: Any) -> dict[str, Any]:
+    """The config as JSON-able dicts (what checkpoints and `config.json` store): resolving it
+    gives back the same settings."""
+    import json
+
+    if hasattr(config, "to_json_best_effort"):
+        return json.loads(config.to_json_best_effort())
+    return json.loads(json.dumps(config))

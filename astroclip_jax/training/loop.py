@@ -1,0 +1,215 @@
+"""The training loop every trainer shares: mesh, data preparation, resume or init, epochs,
+checkpoints, metrics, the progress bar and the training-curve figure.
+
+A trainer (`contrastive.py`; the tower-pretraining and supervised trainers join it) builds a
+`Trainer`: its state's shapes, how to make a fresh state, its batches from a given step on,
+its jitted step, its validation and its once-per-epoch schedule (the plateau rule). `run` does
+the rest, the same way for every trainer:
+
+    resume from the latest checkpoint (or init) -> batches from state.step
+    -> for each epoch: steps (bar with loss, pairs/s, ETA) -> validate -> schedule
+       -> metrics.jsonl + TensorBoard -> checkpoint (latest N + best by validation loss)
+    -> training_curves.png
+
+Deterministic given the seed: a trainer's step t draws its randomness from fold_in(rng, t) and
+its batch from `data.pipeline.step_indices(..., t, ...)`, and a checkpoint holds the state
+(whose step is the data position) and the schedule. So a run killed at any point and
+restarted on the same work directory ends bitwise identical (on CPU) to one never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging as std_logging
+import os
+import time
+from typing import Any, Callable, ContextManager, Iterator
+
+import jax
+import numpy as np
+import tqdm
+from absl import logging
+
+from astroclip_jax import files
+from astroclip_jax import settings as settings_lib
+from astroclip_jax.data import prepare as prepare_lib
+from astroclip_jax.training import checkpoint as checkpoint_lib
+from astroclip_jax.training import metrics as metrics_lib
+from astroclip_jax.training import sharding
+
+Metrics = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """What a trainer hands to `run`.
+
+    Attributes:
+      abstract_state: the state's ShapeDtypeStructs, with their shardings (restore target).
+      init_state: () -> a fresh state (on the devices).
+      steps_per_epoch: global steps per epoch.
+      batches: start_step -> a context manager over the step inputs from that step on.
+      train_step: (state, step input) -> (state, metrics); metrics hold "loss", "accuracy"
+        and "learning_rate".
+      validate: state -> {"loss": ..., ...} on the validation split.
+      initial_schedule: the JSON-able schedule state of a fresh run.
+      end_of_epoch: (state, schedule, validation metrics) -> (state, schedule).
+    """
+
+    abstract_state: Any
+    init_state: Callable[[], Any]
+    steps_per_epoch: int
+    batches: Callable[[int], ContextManager[Iterator[Any]]]
+    train_step: Callable[[Any, Any], tuple[Any, Metrics]]
+    validate: Callable[[Any], dict[str, float]]
+    initial_schedule: dict[str, Any]
+    end_of_epoch: Callable[[Any, dict[str, Any], dict[str, float]], tuple[Any, dict[str, Any]]]
+
+
+class _QuietOrbax(std_logging.Filter):
+    """Orbax logs every file it writes at INFO; keep its warnings only."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def banner(title: str) -> None:
+    logging.info("%s %s %s", "=" * 20, title, "=" * (56 - len(title)))
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def make_mesh(settings: settings_lib.RunSettings) -> jax.sharding.Mesh:
+    """Start the multi-process runtime if asked, and the data mesh over every device."""
+    banner("mesh")
+    logging.get_absl_logger().addFilter(_QuietOrbax())
+    sharding.maybe_initialize_distributed(settings.multihost)
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(settings.train.batch_size, mesh)
+    sharding.check_batch_size(settings.train.val_batch_size, mesh)
+    logging.info("%d devices (%s) in %d processes; global batch %d", jax.device_count(),
+                 jax.devices()[0].platform, jax.process_count(), settings.train.batch_size)
+    return mesh
+
+
+def prepare_data(data: settings_lib.DataSettings) -> None:
+    """Prepare the dataset once (the first process), the others wait for it."""
+    banner("data")
+    if is_main_process():
+        prepare_lib.prepare(data)  # no-op when prepared
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("dataset prepared")
+
+
+def _truncate_metrics(workdir: str, epoch: int) -> None:
+    """Forget metric records of epochs after the checkpoint we resume from (they will be redone)."""
+    path = os.path.join(workdir, metrics_lib.METRICS_FILE)
+    if not os.path.exists(path):
+        return
+    keep = [r for r in metrics_lib.read_metrics(path) if r.get("epoch", 0) <= epoch]
+    with files.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+
+
+def _mean_metrics(per_step: list[Metrics]) -> dict[str, float]:
+    stacked = jax.device_get(per_step)
+    return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def _advance(bar, metrics, done: int, epoch: int, t_epoch: float, batch_size: int,
+             log_every: int) -> None:
+    """Wait for a step's metrics, then tick the bar (and show loss and pairs/s now and then)."""
+    metrics = jax.block_until_ready(metrics)
+    bar.update(1)
+    if done % log_every == 0 or done == 1:
+        pairs_per_s = done * batch_size / (time.time() - t_epoch)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{float(metrics['loss']):.4f}",
+                        pairs_s=f"{pairs_per_s:.0f}")
+
+
+def run(trainer: Trainer, train: settings_lib.TrainSettings, workdir: str,
+        config_json: dict[str, Any]) -> Any:
+    """Train (or resume training) in `workdir` until `train.epochs`; the final state."""
+    spe = trainer.steps_per_epoch
+    total_steps = spe * train.epochs
+
+    banner("resume or init")
+    ckpt = checkpoint_lib.Checkpointer(workdir, keep=train.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, meta = ckpt.restore(latest, trainer.abstract_state)
+        epoch0, schedule = meta["epoch"], meta["schedule"]
+        if meta["steps_per_epoch"] != spe:
+            raise ValueError(f"checkpoint has {meta['steps_per_epoch']} steps per epoch, the data "
+                             f"now gives {spe}: data or batch size changed")
+        logging.info("resumed from %s: step %d, epoch %d", ckpt.directory, latest, epoch0)
+    else:
+        state, epoch0, schedule = trainer.init_state(), 0, dict(trainer.initial_schedule)
+        logging.info("fresh start in %s", workdir)
+    if is_main_process():
+        _truncate_metrics(workdir, epoch0)
+        with files.atomic_path(os.path.join(workdir, "config.json")) as tmp, \
+                open(tmp, "w", encoding="utf-8") as f:
+            json.dump(config_json, f, indent=2)
+
+    banner("train")
+    writer = metrics_lib.MetricWriter(workdir) if is_main_process() else None
+    bar = tqdm.tqdm(total=total_steps, initial=epoch0 * spe, unit="step", dynamic_ncols=True,
+                    disable=not is_main_process())
+    # The data position is the state's step: a resumed run (or one that switched between the
+    # online and the cached step) continues the same order.
+    with trainer.batches(int(jax.device_get(state.step))) as batches:
+        for epoch in range(epoch0, train.epochs):
+            t_epoch, per_step = time.time(), []
+            for i in range(spe):
+                state, step_metrics = trainer.train_step(state, next(batches))
+                per_step.append(step_metrics)
+                # Count a step once it has run (not when dispatched), keeping one step in
+                # flight so the host prepares the next batch while the devices compute.
+                if i > 0:
+                    _advance(bar, per_step[-2], i, epoch, t_epoch, train.batch_size,
+                             train.log_every_steps)
+            _advance(bar, per_step[-1], spe, epoch, t_epoch, train.batch_size,
+                     train.log_every_steps)
+            train_metrics = _mean_metrics(per_step)
+            epoch_s = time.time() - t_epoch
+            val = trainer.validate(state)
+            state, schedule = trainer.end_of_epoch(state, schedule, val)
+            step = int(jax.device_get(state.step))
+            record = {"epoch": epoch + 1, "train/loss": train_metrics["loss"],
+                      "train/accuracy": train_metrics["accuracy"], "val/loss": val["loss"],
+                      "val/accuracy": val["accuracy"], "train/lr": train_metrics["learning_rate"],
+                      "batch_size": train.batch_size,
+                      "pairs_per_s": spe * train.batch_size / epoch_s, "epoch_s": epoch_s}
+            logging.info("epoch %d/%d step %d: train %.4f val %.4f (chance %.3f) lr %.3g, %.1f s",
+                         epoch + 1, train.epochs, step, train_metrics["loss"], val["loss"],
+                         np.log(train.batch_size), train_metrics["learning_rate"], epoch_s)
+            if writer is not None:
+                writer.write(step, record)
+            ckpt.save(state, {"epoch": epoch + 1, "step": step, "steps_per_epoch": spe,
+                              "schedule": schedule, "val_loss": val["loss"],
+                              "config": config_json},
+                      val_loss=val["loss"])
+    bar.close()
+    ckpt.wait()
+    best = ckpt.best_step()
+    ckpt.close()
+
+    if writer is not None:
+        writer.close()
+        out = os.path.join(workdir, "training_curves.png")
+        metrics_lib.plot_training_curves(os.path.join(workdir, metrics_lib.METRICS_FILE), out,
+                                         batch_size=train.batch_size)
+        logging.info("best checkpoint: step %s; figure %s", best, out)
+    return state
+
+
+def no_cleanup(iterator: Iterator[Any]) -> ContextManager[Iterator[Any]]:
+    """A batches context for iterators that own nothing to close."""
+    return contextlib.nullcontext(iterator)
