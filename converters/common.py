@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from astroclip_jax import files, tower_weights
+from astroclip_jax import files
+from astroclip_jax.models import tower_weights
 
 
 class ConversionError(ValueError):

@@ -144,7 +144,7 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False, no
     Nothing is written unless every source tensor is mapped (or deliberately ignored), every Flax
     variable is filled and every shape matches; otherwise `common.ConversionError` names the key.
     """
-    from astroclip_jax import tower_weights
+    from astroclip_jax.models import tower_weights
 
     if os.path.exists(output_dir) and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass --overwrite to replace it")

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from astroclip_jax import tower_weights
+from astroclip_jax.models import tower_weights
 from astroclip_jax.models import spender as spender_model
 from converters import common
 from converters.common import ConversionError
