@@ -39,62 +39,62 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.multihost = False  # True: jax.distributed.initialize() (also automatic under a coordinator)
 
     # ---------------------------------------------------------------- data
-    c.data = d = ml_collections.ConfigDict()
-    d.name = "synthetic_desi"  # "synthetic_desi" | "astroclip_desi"
+    c.data = data = ml_collections.ConfigDict()
+    data.name = "synthetic_desi"  # "synthetic_desi" | "astroclip_desi"
     # synthetic: "tiny" 256 | "small" 4096 | "default" 16384 | "large" 65536 pairs;
     # astroclip_desi: "joint" | "provabgs" (with the PROVABGS properties)
-    d.builder_config = "default"
-    d.data_dir = ml_collections.config_dict.placeholder(str)  # None: the tfds default
-    d.manual_dir = ml_collections.config_dict.placeholder(str)  # where astroclip_desi.1.1.5.h5 sits
-    d.provabgs_path = ml_collections.config_dict.placeholder(str)  # PROVABGS catalogue (hdf5)
-    d.grid = "desi"  # wavelength grid of the spectra; must match the Spender weights
-    d.image_crop = 96  # host centre crop of the 152 px cutouts (what the ResNet was trained on)
-    d.image_transform = "stein_rgb"  # "stein_rgb" (what the weights expect) | "raw" flux
-    d.spectrum_norm = "zscore"  # per spectrum, std clipped at >= 0.2 (upstream)
-    d.nan_policy = "raise"
-    d.num_workers = 0  # grain worker processes; 0 = in the main process
+    data.builder_config = "default"
+    data.data_dir = ml_collections.config_dict.placeholder(str)  # None: the tfds default
+    data.manual_dir = ml_collections.config_dict.placeholder(str)  # where astroclip_desi.1.1.5.h5 sits
+    data.provabgs_path = ml_collections.config_dict.placeholder(str)  # PROVABGS catalogue (hdf5)
+    data.grid = "desi"  # wavelength grid of the spectra; must match the Spender weights
+    data.image_crop = 96  # host centre crop of the 152 px cutouts (what the ResNet was trained on)
+    data.image_transform = "stein_rgb"  # "stein_rgb" (what the weights expect) | "raw" flux
+    data.spectrum_norm = "zscore"  # per spectrum, std clipped at >= 0.2 (upstream)
+    data.nan_policy = "raise"
+    data.num_workers = 0  # grain worker processes; 0 = in the main process
 
     # ---------------------------------------------------------------- model
-    c.model = m = ml_collections.ConfigDict()
+    c.model = model = ml_collections.ConfigDict()
     # weights: a converted tower directory (converters/); None = random init at `size` (demo only).
-    m.image_tower = ml_collections.ConfigDict(dict(kind="resnet", size="small", weights=None))
-    m.image_tower.weights = ml_collections.config_dict.placeholder(str)
-    m.spectrum_tower = ml_collections.ConfigDict(dict(kind="spender", size="small"))
-    m.spectrum_tower.weights = ml_collections.config_dict.placeholder(str)
+    model.image_tower = ml_collections.ConfigDict(dict(kind="resnet", size="small", weights=None))
+    model.image_tower.weights = ml_collections.config_dict.placeholder(str)
+    model.spectrum_tower = ml_collections.ConfigDict(dict(kind="spender", size="small"))
+    model.spectrum_tower.weights = ml_collections.config_dict.placeholder(str)
     # Image head: the MoCo v2 head shape; starts from the tower's fc_0/fc_2 when weights exist.
-    m.image_head = ml_collections.ConfigDict(dict(hidden=(2048,), out=128, init_from_tower=True))
+    model.image_head = ml_collections.ConfigDict(dict(hidden=(2048,), out=128, init_from_tower=True))
     # Spectrum head: [256, 256, 256] -> 128 = 230,272 parameters (the paper's count and code).
-    m.spectrum_head = ml_collections.ConfigDict(dict(hidden=(256, 256, 256), out=128,
+    model.spectrum_head = ml_collections.ConfigDict(dict(hidden=(256, 256, 256), out=128,
                                                      init_from_tower=False))
 
     # ---------------------------------------------------------------- augmentation (on device)
-    c.augment = a = ml_collections.ConfigDict()
-    a.rotation = True
-    a.flip = True
-    a.crop = 96  # final size after rotation; equal to data.image_crop = the paper's order
-    a.blur_sigma_max = 1.0
-    a.noise_std_max = 0.0
-    a.spectrum_noise_scale = 0.0  # x the real DESI per-pixel flux std; the paper augments images only
+    c.augment = augment = ml_collections.ConfigDict()
+    augment.rotation = True
+    augment.flip = True
+    augment.crop = 96  # final size after rotation; equal to data.image_crop = the paper's order
+    augment.blur_sigma_max = 1.0
+    augment.noise_std_max = 0.0
+    augment.spectrum_noise_scale = 0.0  # x the real DESI per-pixel flux std; the paper augments images only
 
     # ---------------------------------------------------------------- training
-    c.train = t = ml_collections.ConfigDict()
-    t.batch_size = 512  # global; the loss sees all of it
-    t.epochs = 80
-    t.learning_rate = 5e-4  # the paper's runs (see its wandb export); Adam
-    t.adam_b1, t.adam_b2, t.adam_eps = 0.9, 0.999, 1e-8  # torch.optim.Adam defaults
-    t.plateau_factor = 0.5  # ReduceLROnPlateau on the validation loss
-    t.plateau_patience = 5
-    t.plateau_threshold = 1e-4
-    t.logit_scale = 15.5  # multiplies the cosine similarity; fixed unless learn_logit_scale
-    t.learn_logit_scale = False
+    c.train = train = ml_collections.ConfigDict()
+    train.batch_size = 512  # global; the loss sees all of it
+    train.epochs = 80
+    train.learning_rate = 5e-4  # the paper's runs (see its wandb export); Adam
+    train.adam_b1, train.adam_b2, train.adam_eps = 0.9, 0.999, 1e-8  # torch.optim.Adam defaults
+    train.plateau_factor = 0.5  # ReduceLROnPlateau on the validation loss
+    train.plateau_patience = 5
+    train.plateau_threshold = 1e-4
+    train.logit_scale = 15.5  # multiplies the cosine similarity; fixed unless learn_logit_scale
+    train.learn_logit_scale = False
     # Regexes (re.fullmatch) over flattened names like "image_head/params/fc_0/kernel".
     # Add r"image_tower/.*" / r"spectrum_tower/.*" to fine-tune the towers.
-    t.trainable = (r"image_head/.*", r"spectrum_head/.*")
-    t.train_split = "train"
-    t.val_split = "test"  # upstream has no separate validation split
-    t.val_batch_size = 512
-    t.keep_checkpoints = 3  # latest ones kept; the best by validation loss is always kept too
-    t.log_every_steps = 10
+    train.trainable = (r"image_head/.*", r"spectrum_head/.*")
+    train.train_split = "train"
+    train.val_split = "test"  # upstream has no separate validation split
+    train.val_batch_size = 512
+    train.keep_checkpoints = 3  # latest ones kept; the best by validation loss is always kept too
+    train.log_every_steps = 10
 
     # ---------------------------------------------------------------- frozen-feature cache
     # enabled: run the frozen towers once over fixed augmented views (8 exact rotations/flips x
@@ -107,50 +107,50 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.feature_cache.dir = ml_collections.config_dict.placeholder(str)  # None: the work dir
 
     # ---------------------------------------------------------------- evaluation
-    c.eval = e = ml_collections.ConfigDict()
-    e.split = "test"
-    e.batch_size = 512
-    e.checkpoint = "best"  # "best" | "latest"
-    e.knn_neighbors = 16
-    e.knn_holdout = 5000
-    e.knn_holdout_fraction = 0.2
-    e.seed = 0
-    e.search_k = 8
-    e.search_queries = 4
-    e.umap_neighbors = 15
-    e.dbscan_eps = 0.2
-    e.dbscan_min_samples = 5
-    e.kmeans_k_min = 2
-    e.kmeans_k_max = 15
-    e.overwrite = False  # replace earlier results of a mode
-    e.search_targetids = ()  # query galaxies for `search`; empty: seeded random ones
-    e.dbscan_scale = "raw"  # "raw": eps on UMAP coordinates as the paper; "density": scaled by sqrt(N)
+    c.eval = evaluation = ml_collections.ConfigDict()
+    evaluation.split = "test"
+    evaluation.batch_size = 512
+    evaluation.checkpoint = "best"  # "best" | "latest"
+    evaluation.knn_neighbors = 16
+    evaluation.knn_holdout = 5000
+    evaluation.knn_holdout_fraction = 0.2
+    evaluation.seed = 0
+    evaluation.search_k = 8
+    evaluation.search_queries = 4
+    evaluation.umap_neighbors = 15
+    evaluation.dbscan_eps = 0.2
+    evaluation.dbscan_min_samples = 5
+    evaluation.kmeans_k_min = 2
+    evaluation.kmeans_k_max = 15
+    evaluation.overwrite = False  # replace earlier results of a mode
+    evaluation.search_targetids = ()  # query galaxies for `search`; empty: seeded random ones
+    evaluation.dbscan_scale = "raw"  # "raw": eps on UMAP coordinates as the paper; "density": scaled by sqrt(N)
 
     if arg == "desi":
-        d.name = "astroclip_desi"
-        d.builder_config = "provabgs"  # all pairs, plus PROVABGS properties for evaluation
-        d.manual_dir = "data/astroclip"
-        d.provabgs_path = "data/astroclip/BGS_ANY_full.provabgs.sv3.v0.hdf5"
-        d.num_workers = 4
-        m.image_tower.size = "resnet50"
-        m.image_tower.weights = "weights/resnet50_stein"
-        m.spectrum_tower.size = "spender"
-        m.spectrum_tower.weights = "weights/spender_desi"
-        t.epochs = 80
+        data.name = "astroclip_desi"
+        data.builder_config = "provabgs"  # all pairs, plus PROVABGS properties for evaluation
+        data.manual_dir = "data/astroclip"
+        data.provabgs_path = "data/astroclip/BGS_ANY_full.provabgs.sv3.v0.hdf5"
+        data.num_workers = 4
+        model.image_tower.size = "resnet50"
+        model.image_tower.weights = "weights/resnet50_stein"
+        model.spectrum_tower.size = "spender"
+        model.spectrum_tower.weights = "weights/spender_desi"
+        train.epochs = 80
     elif arg == "smoke":
-        d.builder_config = "tiny"  # 256 pairs: 204 train, 52 test
-        d.image_crop = 32
-        a.crop = 32
-        m.image_tower.size = "test"
-        m.spectrum_tower.size = "test"
-        m.image_head.hidden = (64,)
-        m.image_head.out = 32
-        m.spectrum_head.hidden = (32, 32)
-        m.spectrum_head.out = 32
-        t.batch_size = 32
-        t.val_batch_size = 32
-        t.epochs = 3
-        t.log_every_steps = 1
-        e.batch_size = 32
-        e.knn_holdout = 20
+        data.builder_config = "tiny"  # 256 pairs: 204 train, 52 test
+        data.image_crop = 32
+        augment.crop = 32
+        model.image_tower.size = "test"
+        model.spectrum_tower.size = "test"
+        model.image_head.hidden = (64,)
+        model.image_head.out = 32
+        model.spectrum_head.hidden = (32, 32)
+        model.spectrum_head.out = 32
+        train.batch_size = 32
+        train.val_batch_size = 32
+        train.epochs = 3
+        train.log_every_steps = 1
+        evaluation.batch_size = 32
+        evaluation.knn_holdout = 20
     return c

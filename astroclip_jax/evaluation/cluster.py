@@ -38,8 +38,9 @@ N_SAMPLE_IMAGES = 8
 
 def embedding_sets(arrays):
     """The three embeddings that are projected: image, spectrum, joint (concatenated)."""
-    img, spec = arrays["image_embedding"], arrays["spectrum_embedding"]
-    return {"image": img, "spectrum": spec, "joint": np.concatenate([img, spec], axis=1)}
+    image, spectrum = arrays["image_embedding"], arrays["spectrum_embedding"]
+    return {"image": image, "spectrum": spectrum,
+            "joint": np.concatenate([image, spectrum], axis=1)}
 
 
 def umap_2d(x, n_neighbors=15, seed=0, n_epochs=None):
@@ -244,10 +245,10 @@ def report(inputs: runner.EvalInputs) -> runner.EvalResult:
     """The mode's evaluator: UMAP maps, DBSCAN islands, k-Means clusters and their figures."""
     import matplotlib.pyplot as plt
 
-    arrays, meta, ev = inputs.arrays, inputs.meta, inputs.settings
+    arrays, meta, settings = inputs.arrays, inputs.meta, inputs.settings
     projections, dbscan, km_labels, out = analyse(
-        arrays, ev.umap_neighbors, ev.dbscan_eps, ev.dbscan_min_samples, ev.kmeans_k_min,
-        ev.kmeans_k_max, ev.seed, ev.dbscan_scale)
+        arrays, settings.umap_neighbors, settings.dbscan_eps, settings.dbscan_min_samples, settings.kmeans_k_min,
+        settings.kmeans_k_max, settings.seed, settings.dbscan_scale)
     lines = []
     if not np.any(arrays["has_props"]):
         lines.append("cluster: no galaxy of this split has properties (z_hp, log_mstar); the "
@@ -258,7 +259,7 @@ def report(inputs: runner.EvalInputs) -> runner.EvalResult:
                for kind, xy in projections.items()}
 
     # Sample galaxies: the 6 largest image islands (Fig 12) and every k-Means cluster (13-14).
-    rng = np.random.default_rng(ev.seed)
+    rng = np.random.default_rng(settings.seed)
     islands = list(island_summary(dbscan["image"]))[:6]
     island_rows = {lab: pick_samples(dbscan["image"], lab, N_SAMPLE_IMAGES, rng) for lab in islands}
     km_rows = {int(lab): pick_samples(km_labels, lab, N_SAMPLE_IMAGES, rng)
@@ -268,7 +269,7 @@ def report(inputs: runner.EvalInputs) -> runner.EvalResult:
     fig, ax = plt.subplots(figsize=(6, 5.5))
     plot_labels(ax, projections["image"], dbscan["image"],
                 f"image embeddings: DBSCAN (eps={out['eps_applied']:.3g}, min_samples="
-                f"{ev.dbscan_min_samples})")
+                f"{settings.dbscan_min_samples})")
     figures["dbscan_image.png"] = fig
     if island_rows:
         figures["dbscan_image_samples.png"] = plot_cluster_images(
@@ -283,9 +284,9 @@ def report(inputs: runner.EvalInputs) -> runner.EvalResult:
         ex["image"], km_rows, "sample images per k-Means cluster (rows)")
 
     out.update({"n": int(meta["n"]),
-                "params": {"umap_neighbors": ev.umap_neighbors, "dbscan_eps": ev.dbscan_eps,
-                           "dbscan_min_samples": ev.dbscan_min_samples,
-                           "dbscan_scale": ev.dbscan_scale, "seed": ev.seed}})
+                "params": {"umap_neighbors": settings.umap_neighbors, "dbscan_eps": settings.dbscan_eps,
+                           "dbscan_min_samples": settings.dbscan_min_samples,
+                           "dbscan_scale": settings.dbscan_scale, "seed": settings.seed}})
     for kind, r in out["dbscan"].items():
         line = f"cluster {kind:<8} {r['n_islands']} islands, {r['n_noise']} noise"
         if kind in out["artefact"]:

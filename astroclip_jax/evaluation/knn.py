@@ -167,15 +167,15 @@ def plot_figure8(truths, predictions, scores, methods=("image", "spectrum", "cro
 
 def report(inputs: runner.EvalInputs) -> runner.EvalResult:
     """The mode's evaluator: scores, the table, Figure 8."""
-    arrays, ev = inputs.arrays, inputs.settings
+    arrays, settings = inputs.arrays, inputs.settings
     n_props = len(property_rows(arrays))
-    if n_props < 2 * ev.knn_neighbors:
+    if n_props < 2 * settings.knn_neighbors:
         raise SystemExit(
             f"eval_knn: only {n_props} galaxies of split {inputs.meta['split']!r} have "
             "properties (z_hp and log_mstar); prepare the dataset with its property catalogue "
             "(PROVABGS) first")
     scores, predictions, split = evaluate(
-        arrays, ev.knn_neighbors, ev.knn_holdout, ev.knn_holdout_fraction, ev.seed)
+        arrays, settings.knn_neighbors, settings.knn_holdout, settings.knn_holdout_fraction, settings.seed)
     table = format_table(scores, inputs.meta.get("synthetic", False))
     query = split["query_rows"]
     truths = {t: np.asarray(arrays[c], np.float64)[query] for t, c in TARGETS.items()}
@@ -187,7 +187,7 @@ def report(inputs: runner.EvalInputs) -> runner.EvalResult:
             "reference_is_real_data": True,
             "ours_on_synthetic_data": inputs.meta.get("synthetic", False),
             "n_with_properties": n_props, "n_fit": len(split["fit_rows"]), "n_query": len(query),
-            "n_neighbors": ev.knn_neighbors, "weights": "distance", "seed": ev.seed,
+            "n_neighbors": settings.knn_neighbors, "weights": "distance", "seed": settings.seed,
             "pca_components": PCA_COMPONENTS, "table": table},
         figures={"figure8.png": plot_figure8(truths, predictions, scores)},
         lines=[table])

@@ -184,10 +184,10 @@ def _smooth(y, width=9):
 
 def report(inputs: runner.EvalInputs) -> runner.EvalResult:
     """The mode's evaluator: the |delta z| scores, the query galaxies' neighbours, Figs 6-7."""
-    arrays, ev = inputs.arrays, inputs.settings
-    k = ev.search_k
-    scores, score_queries = evaluate(arrays, k, ev.seed)
-    queries = choose_queries(arrays, ev.search_targetids, ev.search_queries, ev.seed)
+    arrays, settings = inputs.arrays, inputs.settings
+    k = settings.search_k
+    scores, score_queries = evaluate(arrays, k, settings.seed)
+    queries = choose_queries(arrays, settings.search_targetids, settings.search_queries, settings.seed)
     results = {name: cosine_topk(arrays[a][queries], arrays[b], k, exclude=queries)[0]
                for name, (a, b) in DIRECTIONS.items()}
     ex = inputs.examples(np.unique(np.concatenate([queries, *[r.ravel()

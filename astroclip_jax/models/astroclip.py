@@ -181,14 +181,13 @@ def _check_grid(model: ModelSettings, extras: Mapping[str, np.ndarray]) -> None:
 
 def build(settings: ModelSettings, rng: jax.Array) -> tuple[AstroCLIP, Params]:
     """The model and its full params (towers loaded or random, heads initialised)."""
-    mc = settings
     k_img, k_spec, k_ihead, k_shead = jax.random.split(rng, 4)
     size, length = settings.image_size, settings.spectrum_length
 
-    spec_cfg, spec_vars, spec_extras = _tower("spender", mc.spectrum_tower, k_spec, (1, length))
-    if mc.spectrum_tower.weights:
+    spec_cfg, spec_vars, spec_extras = _tower("spender", settings.spectrum_tower, k_spec, (1, length))
+    if settings.spectrum_tower.weights:
         _check_grid(settings, spec_extras)  # before any expensive work
-    img_cfg, img_vars, _ = _tower("resnet", mc.image_tower, k_img, (1, size, size, 3))
+    img_cfg, img_vars, _ = _tower("resnet", settings.image_tower, k_img, (1, size, size, 3))
 
     # The frozen image tower stops at its pooled features; its MoCo head moves to the image head.
     img_vars = dict(img_vars)  # a shallow copy we may edit
@@ -202,9 +201,9 @@ def build(settings: ModelSettings, rng: jax.Array) -> tuple[AstroCLIP, Params]:
     model = AstroCLIP(
         image_tower=towers.build_tower("resnet", img_cfg),
         spectrum_tower=towers.build_tower("spender", spec_cfg),
-        image_head=heads.MLPHead(hidden=tuple(mc.image_head.hidden), out=mc.image_head.out),
-        spectrum_head=heads.MLPHead(hidden=tuple(mc.spectrum_head.hidden), out=mc.spectrum_head.out),
-        image_size=size, logit_scale=mc.logit_scale,
+        image_head=heads.MLPHead(hidden=tuple(settings.image_head.hidden), out=settings.image_head.out),
+        spectrum_head=heads.MLPHead(hidden=tuple(settings.spectrum_head.hidden), out=settings.spectrum_head.out),
+        image_size=size, logit_scale=settings.logit_scale,
     )
     params: Params = {"image_tower": img_vars, "spectrum_tower": spec_vars}
     # Strict check: the loaded (or edited) tower trees are exactly what the modules expect.
@@ -218,10 +217,10 @@ def build(settings: ModelSettings, rng: jax.Array) -> tuple[AstroCLIP, Params]:
     params["image_head"] = jax.jit(model.image_head.init)(k_ihead, jnp.zeros(img_feat.shape))
     params["spectrum_head"] = jax.jit(model.spectrum_head.init)(k_shead,
                                                                 jnp.zeros(spec_feat.shape))
-    if mc.image_head.init_from_tower and mc.image_tower.weights:
+    if settings.image_head.init_from_tower and settings.image_tower.weights:
         params["image_head"] = _moco_head_init(params["image_head"], moco_head)
-    if mc.learn_logit_scale:
-        params["logit_scale"] = {"log_scale": jnp.asarray(math.log(mc.logit_scale), jnp.float32)}
+    if settings.learn_logit_scale:
+        params["logit_scale"] = {"log_scale": jnp.asarray(math.log(settings.logit_scale), jnp.float32)}
     return model, params
 
 

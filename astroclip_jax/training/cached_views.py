@@ -101,38 +101,38 @@ def _galaxy_keys(base: jax.Array, view, index: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(k, i))(index)
 
 
-def image_view(images: jax.Array, view, index: jax.Array, spec: ViewSpec,
+def image_view(images: jax.Array, view, index: jax.Array, views: ViewSpec,
                base_key: jax.Array) -> jax.Array:
     """Image view `view` (may be traced) of a batch whose global indices are `index` (B,)."""
-    if spec.crop:
-        images = center_crop(images, spec.crop)
-    n_dihedral = N_DIHEDRAL if spec.dihedral else 1
+    if views.crop:
+        images = center_crop(images, views.crop)
+    n_dihedral = N_DIHEDRAL if views.dihedral else 1
     d, draw = view % n_dihedral, view // n_dihedral
-    images = dihedral(images, d) if spec.dihedral else images
-    if spec.blur_sigma_max <= 0 and spec.noise_std_max <= 0:
+    images = dihedral(images, d) if views.dihedral else images
+    if views.blur_sigma_max <= 0 and views.noise_std_max <= 0:
         return images
     keys = _galaxy_keys(base_key, view, index)
     split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
     kb, kn, ks = split[:, 0], split[:, 1], split[:, 2]
     noisy = images
-    if spec.blur_sigma_max > 0:
-        sigmas = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, 0.0, spec.blur_sigma_max))(kb)
-        noisy = augment.blur(noisy, sigmas, augment.blur_radius(spec.blur_sigma_max))
-    if spec.noise_std_max > 0:
-        std = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, 0.0, spec.noise_std_max))(ks)
+    if views.blur_sigma_max > 0:
+        sigmas = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, 0.0, views.blur_sigma_max))(kb)
+        noisy = augment.blur(noisy, sigmas, augment.blur_radius(views.blur_sigma_max))
+    if views.noise_std_max > 0:
+        std = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, 0.0, views.noise_std_max))(ks)
         noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:], images.dtype))(kn)
         noisy = noisy + std[:, None, None, None].astype(images.dtype) * noise
     return jnp.where(draw == 0, images, noisy)  # draw 0 stays clean
 
 
 def spectrum_view(spectra: jax.Array, spectrum_scale: jax.Array, view, index: jax.Array,
-                  spec: ViewSpec, base_key: jax.Array, pixel_std: jax.Array | None) -> jax.Array:
+                  views: ViewSpec, base_key: jax.Array, pixel_std: jax.Array | None) -> jax.Array:
     """Spectrum view `view` (may be traced): 0 clean, else flux-unit pixel-std noise."""
-    if spec.spectrum_noise_scale <= 0:
+    if views.spectrum_noise_scale <= 0:
         return spectra
     keys = _galaxy_keys(jax.random.fold_in(base_key, 1), view, index)
     noise = jax.vmap(lambda k: jax.random.normal(k, spectra.shape[1:], spectra.dtype))(keys)
-    std = augment.spectrum_noise_std(spectra, spectrum_scale, pixel_std, spec.spectrum_noise_scale)
+    std = augment.spectrum_noise_std(spectra, spectrum_scale, pixel_std, views.spectrum_noise_scale)
     return jnp.where(view == 0, spectra, spectra + std * noise)
 
 

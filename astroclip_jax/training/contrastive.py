@@ -144,9 +144,9 @@ def _cached_path(settings, workdir, model, tx, frozen, mesh, train_records, rng,
         raise ValueError("feature_cache.enabled needs frozen towers (cached features would go "
                          "stale); set --config.feature_cache.enabled=False to train the towers")
     cache_settings, train = settings.feature_cache, settings.train
-    spec = cached_views.view_spec(settings.augment, cache_settings, settings.seed)
+    views = cached_views.view_spec(settings.augment, cache_settings, settings.seed)
     cache = feature_store.build_or_load_cache(
-        model, frozen, train_records, spec, cache_settings.dir or workdir,
+        model, frozen, train_records, views, cache_settings.dir or workdir,
         cache_settings.batch_size, _pixel_std(settings), log=logging.info)
 
     def indices(step: int) -> np.ndarray:
@@ -175,8 +175,8 @@ def _cached_path(settings, workdir, model, tx, frozen, mesh, train_records, rng,
             def gather(step):  # the rows the device path would gather, with the same key
                 key = steps.step_key(host_rng, step, steps.CACHED_VIEW_STREAM)
                 rows_ = pipeline.step_indices(cache.n, settings.seed, step, train.batch_size)
-                img, spec_ = feature_store.sample_cached_features(key, cache, rows_)
-                return {"image_features": img[rows], "spectrum_features": spec_[rows]}
+                img, spectrum = feature_store.sample_cached_features(key, cache, rows_)
+                return {"image_features": img[rows], "spectrum_features": spectrum[rows]}
             return loop.no_cleanup(gather(step) for step in itertools.count(start_step))
 
     return train_step, batches

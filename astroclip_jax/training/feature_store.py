@@ -9,8 +9,8 @@ On disk (a directory, written atomically: filled under a temporary name, then re
     feature_cache-<fingerprint[:16]>/
       image.npy      (n_image_views, N, D_image)     float16 or float32
       spectrum.npy   (n_spectrum_views, N, D_spectrum)
-      meta.json      {"fingerprint", "spec", "n", ...}
-The fingerprint hashes the tower variables, a sample of the data and the view spec; a directory
+      meta.json      {"fingerprint", "views", "n", ...}
+The fingerprint hashes the tower variables, a sample of the data and the view views; a directory
 whose fingerprint matches is reused, so a resumed run finds its cache and pays nothing.
 `.npy` files open memory-mapped, so the cache can exceed host memory.
 """
@@ -100,16 +100,16 @@ def _sample_rows(n: int, k: int = 64) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(n, k)).astype(np.int64))
 
 
-def fingerprint(tower_params: Any, records: Records, spec: ViewSpec,
+def fingerprint(tower_params: Any, records: Records, views: ViewSpec,
                 pixel_std: np.ndarray | None) -> str:
-    """sha256 of the tower weights, the data (size and 64 evenly spaced rows), the spec."""
+    """sha256 of the tower weights, the data (size and 64 evenly spaced rows), the views."""
     digest = hashlib.sha256(f"feature_cache v{FORMAT_VERSION};;".encode())
-    digest.update(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
+    digest.update(json.dumps(dataclasses.asdict(views), sort_keys=True).encode())
     _hash_tree(digest, tower_params)
     sample = records.batch(_sample_rows(len(records)))
     digest.update(f"n={len(records)};".encode())
     _hash_tree(digest, {k: sample[k] for k in _FIELDS})
-    if spec.spectrum_noise_scale > 0:
+    if views.spectrum_noise_scale > 0:
         _hash_tree(digest, {"pixel_std": pixel_std, "spectrum_scale": sample["spectrum_scale"]})
     return digest.hexdigest()
 
@@ -117,20 +117,20 @@ def fingerprint(tower_params: Any, records: Records, spec: ViewSpec,
 # ---------------------------------------------------------------- computing
 
 
-def _view_fns(model: AstroCLIP, spec: ViewSpec):
+def _view_fns(model: AstroCLIP, views: ViewSpec):
     """Jitted (tower params, batch, index, view) -> (B, D) features, `view` traced."""
-    base_key = jax.random.key(spec.seed)
+    base_key = jax.random.key(views.seed)
 
     @jax.jit
     def image_fn(params, images, index, view):
-        x = cached_views.image_view(images, view, index, spec, base_key)
-        return model.image_features(params, x).astype(spec.dtype)
+        x = cached_views.image_view(images, view, index, views, base_key)
+        return model.image_features(params, x).astype(views.dtype)
 
     @jax.jit
     def spectrum_fn(params, spectra, spectrum_scale, index, view, pixel_std):
-        x = cached_views.spectrum_view(spectra, spectrum_scale, view, index, spec, base_key,
+        x = cached_views.spectrum_view(spectra, spectrum_scale, view, index, views, base_key,
                                        pixel_std)
-        return model.spectrum_features(params, x).astype(spec.dtype)
+        return model.spectrum_features(params, x).astype(views.dtype)
 
     return image_fn, spectrum_fn
 
@@ -143,7 +143,7 @@ def _padded_batches(n: int, batch_size: int) -> Iterator[tuple[int, int, np.ndar
         yield start, count, np.minimum(index, n - 1)
 
 
-def compute_features(model: AstroCLIP, tower_params: Any, records: Records, spec: ViewSpec,
+def compute_features(model: AstroCLIP, tower_params: Any, records: Records, views: ViewSpec,
                      pixel_std: np.ndarray | None, batch_size: int,
                      out: Mapping[str, np.ndarray], progress: bool = True) -> None:
     """Fill `out` = {"image": (V_i, N, D_i), "spectrum": (V_s, N, D_s)} (preallocated, e.g.
@@ -151,7 +151,7 @@ def compute_features(model: AstroCLIP, tower_params: Any, records: Records, spec
     frozen towers ({"image_tower", "spectrum_tower"}); each tower runs once per view of its
     own modality."""
     n = len(records)
-    image_fn, spectrum_fn = _view_fns(model, spec)
+    image_fn, spectrum_fn = _view_fns(model, views)
     std = None if pixel_std is None else jnp.asarray(pixel_std, jnp.float32)
     bar = tqdm.tqdm(total=n, unit="galaxy", desc="feature cache", disable=not progress)
     for start, count, index in _padded_batches(n, batch_size):
@@ -159,9 +159,9 @@ def compute_features(model: AstroCLIP, tower_params: Any, records: Records, spec
         images, spectra = jnp.asarray(batch["image"]), jnp.asarray(batch["spectrum"])
         scale, idx = jnp.asarray(batch["spectrum_scale"]), jnp.asarray(index, jnp.int32)
         # Dispatch every view first (asynchronous), then copy back: the device stays busy.
-        fi = [image_fn(tower_params, images, idx, v) for v in range(spec.n_image_views)]
+        fi = [image_fn(tower_params, images, idx, v) for v in range(views.n_image_views)]
         fs = [spectrum_fn(tower_params, spectra, scale, idx, v, std)
-              for v in range(spec.n_spectrum_views)]
+              for v in range(views.n_spectrum_views)]
         for name, feats in (("image", fi), ("spectrum", fs)):
             for v, f in enumerate(feats):
                 out[name][v, start:start + count] = np.asarray(f)[:count]
@@ -189,7 +189,7 @@ def load_cache(path: str, mmap: bool = True) -> FeatureCache:
                         fingerprint=meta["fingerprint"], path=path)
 
 
-def build_or_load_cache(model: AstroCLIP, frozen: Any, records: Records, spec: ViewSpec,
+def build_or_load_cache(model: AstroCLIP, frozen: Any, records: Records, views: ViewSpec,
                         cache_dir: str, batch_size: int, pixel_std: np.ndarray | None,
                         mmap: bool = True, log: Callable[[str], None] | None = print
                         ) -> FeatureCache:
@@ -200,14 +200,14 @@ def build_or_load_cache(model: AstroCLIP, frozen: Any, records: Records, spec: V
       model, frozen: the AstroCLIP model and its frozen params (the towers must be in there).
       records: preprocessed rows (`data.pipeline.PreprocessedRecords` of the training split,
         in the record order that `data.pipeline.step_indices` indexes).
-      spec: the views (`cached_views.view_spec`).
+      views: the views (`cached_views.view_spec`).
       cache_dir: where cache directories live (the work dir, or `feature_cache.dir`).
       batch_size: galaxies per tower call.
       pixel_std: per-pixel flux std on the spectra's grid (needed when spectrum noise is on).
     """
     tower_params = {"image_tower": frozen["image_tower"],
                     "spectrum_tower": frozen["spectrum_tower"]}
-    fp = fingerprint(tower_params, records, spec, pixel_std)
+    fp = fingerprint(tower_params, records, views, pixel_std)
     path = os.path.join(os.path.abspath(cache_dir), f"feature_cache-{fp[:16]}")
     if os.path.isfile(os.path.join(path, "meta.json")):
         cache = load_cache(path, mmap)
@@ -219,17 +219,17 @@ def build_or_load_cache(model: AstroCLIP, frozen: Any, records: Records, spec: V
     n = len(records)
     with files.atomic_directory(path) as tmp:
         out = {"image": np.lib.format.open_memmap(os.path.join(tmp, "image.npy"), "w+",
-                                                  spec.dtype, (spec.n_image_views, n, d_img)),
+                                                  views.dtype, (views.n_image_views, n, d_img)),
                "spectrum": np.lib.format.open_memmap(os.path.join(tmp, "spectrum.npy"), "w+",
-                                                     spec.dtype,
-                                                     (spec.n_spectrum_views, n, d_spec))}
-        compute_features(model, tower_params, records, spec, pixel_std, batch_size, out,
+                                                     views.dtype,
+                                                     (views.n_spectrum_views, n, d_spec))}
+        compute_features(model, tower_params, records, views, pixel_std, batch_size, out,
                          progress=log is not None)
         for arr in out.values():
             arr.flush()
         del out
         meta = {"format_version": FORMAT_VERSION, "fingerprint": fp, "n": n,
-                "spec": dataclasses.asdict(spec), "dims": {"image": d_img, "spectrum": d_spec}}
+                "views": dataclasses.asdict(views), "dims": {"image": d_img, "spectrum": d_spec}}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
     if log:

@@ -50,13 +50,13 @@ def infonce_with_metrics(image_emb, spectrum_emb, logit_scale,
     """
     dtype = jnp.promote_types(jnp.result_type(image_emb, spectrum_emb), jnp.float32)
     img = l2_normalize(image_emb.astype(dtype), eps)
-    spec = l2_normalize(spectrum_emb.astype(dtype), eps)
+    spectrum = l2_normalize(spectrum_emb.astype(dtype), eps)
     batch = img.shape[0]
     if mask is None:
         mask = jnp.ones((batch,), dtype=bool)
     mask = mask.astype(bool)
 
-    logits = logit_scale * jnp.matmul(img, spec.T, precision=jax.lax.Precision.HIGHEST)
+    logits = logit_scale * jnp.matmul(img, spectrum.T, precision=jax.lax.Precision.HIGHEST)
     loss_i, hit_i = _cross_entropy_rows(logits, mask)
     loss_s, hit_s = _cross_entropy_rows(logits.T, mask)
 
