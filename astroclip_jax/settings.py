@@ -244,11 +244,6 @@ def resolve(config: Mapping[str, Any]) -> RunSettings:
     )
 
 
-def to_dict(settings: Any) -> dict[str, Any]:
-    """Plain, JSON-able dicts of settings (for metadata and logs)."""
-    return dataclasses.asdict(settings)
-
-
 def config_json(config: Any) -> dict[str, Any]:
     """The config as JSON-able dicts (what checkpoints and `config.json` store): resolving it
     gives back the same settings."""

@@ -27,7 +27,6 @@ from absl import logging
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.data import pipeline, shipped_files
 from astroclip_jax.models import astroclip, partition
-from astroclip_jax.models.heads import num_params
 from astroclip_jax.training import cached_views, feature_store, loop, optimizer, sharding, steps
 from astroclip_jax.training.feature_store import FeatureCache
 
@@ -37,8 +36,8 @@ _EVAL_KEYS = ("image", "spectrum", "mask")
 
 def _log_param_counts(trainable, frozen) -> None:
     for label, tree in (("trainable", trainable), ("frozen", frozen)):
-        for name, part in tree.items():
-            logging.info("%-9s %-14s %12d parameters", label, name, num_params(part))
+        for name, count in partition.param_counts(tree).items():
+            logging.info("%-9s %-14s %12d parameters", label, name, count)
 
 
 def _pixel_std(settings: settings_lib.RunSettings) -> np.ndarray | None:
