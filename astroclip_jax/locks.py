@@ -1,0 +1,73 @@
+"""One writer per directory: an advisory lock file that names its holder.
+
+    with locks.DirectoryLock(workdir, "training"):
+        ...   # a second writer stops at once: "runs/x is in use by training (host h, pid p, ...)"
+
+The lock is `fcntl.flock` on `<directory>/.lock-<name>`: the kernel releases it when its process
+dies, however it dies, so a lock left by a killed run is simply free and the next run takes it
+over (and may then remove what the dead run left half-written). The file holds the holder's
+host, pid, purpose and start time for the message. flock is per host on most network
+filesystems: runs on several hosts sharing one work directory must take turns by other means.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+
+from astroclip_jax.errors import Busy
+
+
+class DirectoryLock:
+    """An exclusive, non-blocking lock on `directory` for one purpose (a context manager)."""
+
+    def __init__(self, directory: str, purpose: str, name: str = "writer"):
+        self.directory = os.path.abspath(directory)
+        self.path = os.path.join(self.directory, f".lock-{name}")
+        self.purpose = purpose
+        self._fd: int | None = None
+
+    def acquire(self) -> "DirectoryLock":
+        os.makedirs(self.directory, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise Busy(f"{self.directory} is in use by {holder}; wait for it to finish or use "
+                       "another directory") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"purpose": self.purpose, "host": socket.gethostname(),
+                                 "pid": os.getpid(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "DirectoryLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info:
+        return "another process"
+    return (f"{info.get('purpose', 'another process')} (host {info.get('host')}, pid "
+            f"{info.get('pid')}, since {info.get('since')})")
