@@ -2,14 +2,19 @@
 
     python main.py --config=configs/spender.py --mode=train --workdir=runs/default
     python main.py --config=configs/spender.py --mode=eval_knn --workdir=runs/default
+
+A mistake in what the user gave (a file, a setting, a work directory: `errors.UserError`) is
+printed as one line, `error: ...`, with exit status 1; anything else is a bug and keeps its
+traceback.
 """
 
 import importlib
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from astroclip_jax.settings import ConfigError
+from astroclip_jax.errors import UserError
 
 # Each mode is `run(config, workdir)` in its own module, imported only when chosen.
 MODES = {
@@ -27,15 +32,27 @@ flags.DEFINE_string("workdir", "runs/default", "Work directory: checkpoints, met
 flags.mark_flags_as_required(["config"])
 
 
+def parse_flags(argv):
+    """absl's parsing, with a misspelt or mistyped `--config.*` override as one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        raise SystemExit(f"error: {e}") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config overrides
+        message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+        raise SystemExit(f"error: a --config override is not a config field or has the wrong "
+                         f"type: {message}") from None
+
+
 def main(argv):
     del argv
     module = importlib.import_module(MODES[flags.FLAGS.mode])
     try:
         module.run(flags.FLAGS.config, flags.FLAGS.workdir)
-    # What is missing, what would be overwritten, a config field that is not what it must be.
-    except (FileNotFoundError, FileExistsError, ConfigError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -9,14 +9,22 @@ import tempfile
 from typing import Iterator
 
 
+TMP_PREFIX = ".tmp-"  # every temporary file or directory written here starts with it
+
+
+def _tmp_prefix(path: str) -> str:
+    return f"{TMP_PREFIX}{os.path.basename(os.path.abspath(path))}-"
+
+
 @contextlib.contextmanager
-def atomic_path(path: str, prefix: str | None = None, suffix: str | None = None) -> Iterator[str]:
+def atomic_path(path: str, suffix: str | None = None) -> Iterator[str]:
     """Yields the path of a fresh, empty temporary file next to `path` for the block to write.
 
     On a clean exit the file is renamed over `path` (`os.replace`: a reader sees the old file
     or the new one, never half of one); on an error it is removed and the error re-raised.
+    A process killed inside the block leaves `.tmp-<name>-*`, which `remove_leftovers` clears.
     """
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix,
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=suffix,
                                dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
@@ -44,7 +52,7 @@ def atomic_directory(path: str) -> Iterator[str]:
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=parent)
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
@@ -69,3 +77,21 @@ def replace_directory(new: str, path: str) -> None:
         shutil.rmtree(old)
     else:
         os.rename(new, path)
+
+
+def remove_leftovers(directory: str, names: tuple[str, ...] | None = None) -> list[str]:
+    """Remove the temporaries a killed process left in `directory` (for the targets `names`,
+    or all of them); the paths removed. Call it only while holding the directory's lock."""
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    prefixes = (TMP_PREFIX,) if names is None else tuple(_tmp_prefix(n) for n in names)
+    for entry in sorted(os.listdir(directory)):
+        if entry.startswith(prefixes):
+            path = os.path.join(directory, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+            removed.append(path)
+    return removed

@@ -22,10 +22,7 @@ import typing
 from typing import Any, Mapping
 
 from astroclip_jax import wavelength_grids
-
-
-class ConfigError(ValueError):
-    """A config field is missing or has a value of the wrong kind."""
+from astroclip_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +40,8 @@ class DataSettings:
     spectrum_norm: str  # "zscore" | "none"
     nan_policy: str  # "raise" | "mask"
     num_workers: int  # grain worker processes; 0 = this process
+    duplicate_policy: str  # repeated targetids: "raise" | "drop" (all but the first occurrence)
+    rebuild: bool  # prepare anew even when prepared (the old dataset stays until it is done)
 
     @property
     def is_synthetic(self) -> bool:
@@ -233,7 +232,7 @@ def resolve(config: Mapping[str, Any]) -> RunSettings:
     train_values = _read(TrainSettings, _get(config, "train", "config"), "train")
     if model.learn_logit_scale:  # a learned scale always trains
         train_values["trainable"] += (r"logit_scale/.*",)
-    return RunSettings(
+    settings = RunSettings(
         seed=_convert(_get(config, "seed", "config"), int, "seed"),
         multihost=_convert(_get(config, "multihost", "config"), bool, "multihost"),
         data=data, model=model, augment=augment,
@@ -242,6 +241,103 @@ def resolve(config: Mapping[str, Any]) -> RunSettings:
         train=TrainSettings(**train_values),
         eval=EvalSettings(**_read(EvalSettings, _get(config, "eval", "config"), "eval")),
     )
+    _validate(settings)
+    return settings
+
+
+# ------------------------------------------------------------------------------- validation
+
+# Fields that must be > 0, >= 0, or one of a few values: checked before any work starts.
+_POSITIVE = ("train.batch_size", "train.val_batch_size", "train.epochs", "train.learning_rate",
+             "train.keep_checkpoints", "train.log_every_steps", "eval.batch_size",
+             "eval.knn_neighbors", "eval.knn_holdout", "eval.search_k", "eval.search_queries",
+             "eval.umap_neighbors", "eval.dbscan_eps", "eval.dbscan_min_samples",
+             "feature_cache.batch_size", "feature_cache.image_draws",
+             "feature_cache.spectrum_draws", "model.logit_scale", "model.image_head.out",
+             "model.spectrum_head.out")
+_NON_NEGATIVE = ("data.image_crop", "data.num_workers", "augment.crop", "augment.blur_sigma_max",
+                 "augment.noise_std_max", "augment.spectrum_noise_scale",
+                 "train.plateau_patience", "train.plateau_threshold")
+_CHOICES = {
+    "data.name": ("synthetic_desi", "astroclip_desi"),
+    "data.image_transform": ("stein_rgb", "raw"),
+    "data.spectrum_norm": ("zscore", "none"),
+    "data.nan_policy": ("raise", "mask"),
+    "eval.dbscan_scale": ("raw", "density"),
+    "feature_cache.dtype": ("float16", "float32"),
+    "model.image_tower.kind": ("resnet",),
+    "model.spectrum_tower.kind": ("spender",),
+}
+
+
+def _field(settings: RunSettings, name: str) -> Any:
+    value = settings
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _validate(settings: RunSettings) -> None:
+    for name in _POSITIVE:
+        if not _field(settings, name) > 0:
+            raise ConfigError(f"config field {name} is {_field(settings, name)!r}; it must be > 0")
+    for name in _NON_NEGATIVE:
+        if not _field(settings, name) >= 0:
+            raise ConfigError(f"config field {name} is {_field(settings, name)!r}; it must be >= 0")
+    for name, choices in _CHOICES.items():
+        if _field(settings, name) not in choices:
+            raise ConfigError(f"config field {name} is {_field(settings, name)!r}; expected one "
+                              f"of {list(choices)}")
+    if not 0 < settings.train.plateau_factor < 1:
+        raise ConfigError(f"config field train.plateau_factor is "
+                          f"{settings.train.plateau_factor!r}; it must be in (0, 1)")
+    if not 0 < settings.eval.knn_holdout_fraction < 1:
+        raise ConfigError(f"config field eval.knn_holdout_fraction is "
+                          f"{settings.eval.knn_holdout_fraction!r}; it must be in (0, 1)")
+    which = settings.eval.checkpoint
+    if which not in ("best", "latest") and not which.isdigit():
+        raise ConfigError(f"config field eval.checkpoint is {which!r}; expected 'best', "
+                          "'latest' or a step number")
+    if settings.eval.kmeans_k_min < 2 or settings.eval.kmeans_k_max < settings.eval.kmeans_k_min:
+        raise ConfigError(f"config fields eval.kmeans_k_min/kmeans_k_max are "
+                          f"{settings.eval.kmeans_k_min}/{settings.eval.kmeans_k_max}; they must "
+                          "satisfy 2 <= k_min <= k_max")
+
+
+# ------------------------------------------------------------------------------- resuming
+
+# What may differ between a run's saved config and the one it resumes with (dotted prefixes):
+# how long, how it is logged, kept and evaluated, where files are, and which of the two
+# equivalent train steps runs. Everything else (data, model, augmentation, batch size,
+# optimiser, seed) defines the run and must stay.
+CHANGEABLE_ON_RESUME = ("train.epochs", "train.log_every_steps", "train.keep_checkpoints",
+                        "train.val_batch_size", "eval.", "feature_cache.", "data.num_workers",
+                        "data.data_dir", "data.manual_dir", "data.provabgs_path", "multihost")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def changes_on_resume(saved: Mapping[str, Any], current: Mapping[str, Any]
+                      ) -> dict[str, tuple[Any, Any]]:
+    """{field: (saved value, new value)} of the allowed changes between two config JSONs;
+    raises ConfigError naming the first field that may not change (with both values)."""
+    old, new = _flat(saved), _flat(current)
+    changes = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k)}
+    for name, (was, now) in changes.items():
+        if not any(name == p or (p.endswith(".") and name.startswith(p))
+                   for p in CHANGEABLE_ON_RESUME):
+            raise ConfigError(f"config field {name} is {now!r} but the run in this work "
+                              f"directory was started with {was!r}; it cannot change on resume "
+                              "(use a new work directory)")
+    return changes
 
 
 def config_json(config: Any) -> dict[str, Any]:

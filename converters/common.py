@@ -42,7 +42,7 @@ def fetch(path_or_url: str, cache_dir: str | None = None) -> str:
     dest = os.path.join(cache_dir, name)
     if os.path.isfile(dest):
         return dest
-    with files.atomic_path(dest, prefix=".part-") as tmp:
+    with files.atomic_path(dest) as tmp:
         from tqdm.auto import tqdm
 
         with urllib.request.urlopen(path_or_url) as response, open(tmp, "wb") as out:

@@ -13,10 +13,18 @@ files are read back with `tfds.data_source`. Keys only fix the (hashed) record o
 Both write the same Batch-contract fields: image (S, S, 3) flux, spectrum (L,), targetid,
 redshift, z_hp, log_mstar (NaN when unknown), has_props. Inverse variances are not stored
 (nothing downstream uses them; 31 KB per example on the DESI grid).
+
+Each prepared dataset records its recipe in its metadata (`metadata["recipe"]`): the identity of
+every source file it was made from (real path, size, modification time, and the sha256 of a
+file up to `HASH_LIMIT` bytes) and the options that change its content (`options()`), so that
+`prepare` can tell a dataset made from other inputs than the config names now.
 """
 
 import dataclasses
+import hashlib
+import logging
 import os
+import time
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -24,11 +32,25 @@ import tqdm
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
+from astroclip_jax import errors
 from astroclip_jax import wavelength_grids as grids
 from astroclip_jax.data import astroclip_desi, provabgs
 
 TRAIN_FRACTION = 0.8
 _BYTES = tfds.features.Encoding.BYTES
+HASH_LIMIT = 256 << 20  # source files up to this size are identified by their sha256 too
+
+
+def file_identity(path: str) -> dict:
+    """Real path, size and modification time of a file; its sha256 when it is small."""
+    real = os.path.realpath(os.fspath(path))
+    stat = os.stat(real)
+    out = {"path": real, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+           "modified": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stat.st_mtime))}
+    if stat.st_size <= HASH_LIMIT:
+        with open(real, "rb") as f:
+            out["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
 
 
 def spill_shuffle_buckets_without_tensorflow() -> None:
@@ -90,7 +112,7 @@ _SYNTHETIC_EXTRA = ("log_ssfr", "bulge_fraction", "r_eff_kpc", "axis_ratio", "po
 
 
 class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Common base: this file as the builder's code path.
+    """Common base: this file as the builder's code path, and the recipe a dataset records.
 
     tfds otherwise derives the path through `importlib_resources` (an optional backport not
     installed here) for a package that is not a zip; it only looks for a checksums file there.
@@ -100,6 +122,21 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     @classmethod
     def code_path(cls) -> epath.Path:
         return epath.Path(__file__)
+
+    def options(self) -> dict:
+        """What, besides the source files, decides the content of the dataset."""
+        return {}
+
+    def source_files(self, manual_dir: str | None) -> dict:
+        """{role: path} of the files a build would read now (path None: not found there)."""
+        del manual_dir
+        return {}
+
+    def recipe(self, sources: dict) -> dict:
+        """The record of what the dataset is made from: `sources` {role: path} identified."""
+        return {"sources": {role: None if path is None else file_identity(path)
+                            for role, path in sources.items()},
+                "options": self.options()}
 
 
 class SyntheticDesi(_Builder):
@@ -132,8 +169,14 @@ class SyntheticDesi(_Builder):
             metadata=tfds.core.MetadataDict(grid=cfg.grid, seed=cfg.seed),
         )
 
+    def options(self) -> dict:
+        cfg = self.builder_config  # block_size only sets how many galaxies one call makes
+        return {"num_pairs": cfg.num_pairs, "grid": cfg.grid, "image_size": cfg.image_size,
+                "seed": cfg.seed}
+
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
+        self.info.metadata["recipe"] = self.recipe({})
         n = self.builder_config.num_pairs
         n_train = int(TRAIN_FRACTION * n)
         return {"train": self._generate_examples(0, n_train),
@@ -178,7 +221,9 @@ class AstroclipDesi(_Builder):
     """AstroCLIP's `astroclip_desi.1.1.5.h5`, split per group as upstream (first 80 % train).
 
     Extra constructor arguments (used when preparing): `provabgs_path` (default: the catalogue
-    in the manual dir) and `nan_policy` ("raise" or "mask").
+    in the manual dir), `nan_policy` ("raise" or "mask") and `duplicate_policy` ("raise" or
+    "drop": repeated targetids are an error, or all but the first occurrence are dropped and
+    counted in `metadata["duplicates"]`).
     """
 
     VERSION = tfds.core.Version("1.1.5")
@@ -197,13 +242,26 @@ class AstroclipDesi(_Builder):
     """
 
     def __init__(self, *, provabgs_path: str | None = None, nan_policy: str = "raise",
-                 **kwargs):
-        if nan_policy not in astroclip_desi.NAN_POLICIES:
-            raise ValueError(f"unknown nan_policy {nan_policy!r}; expected one of "
-                             f"{astroclip_desi.NAN_POLICIES}")
+                 duplicate_policy: str = "raise", **kwargs):
+        astroclip_desi.check_nan_policy(nan_policy)
+        astroclip_desi.check_duplicate_policy(duplicate_policy)
         self._provabgs_path = provabgs_path
         self._nan_policy = nan_policy
+        self._duplicate_policy = duplicate_policy
         super().__init__(**kwargs)
+
+    def options(self) -> dict:
+        return {"nan_policy": self._nan_policy, "duplicate_policy": self._duplicate_policy}
+
+    def source_files(self, manual_dir: str | None) -> dict:
+        def in_manual_dir(filename):
+            path = os.path.join(os.fspath(manual_dir), filename) if manual_dir else None
+            return path if path and os.path.isfile(path) else None
+        out = {"astroclip": in_manual_dir(astroclip_desi.FILENAME)}
+        if self.builder_config.join_provabgs:
+            out["provabgs"] = (os.fspath(self._provabgs_path) if self._provabgs_path is not None
+                               else in_manual_dir(provabgs.FILENAME))
+        return out
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -217,14 +275,25 @@ class AstroclipDesi(_Builder):
 
     def _split_generators(self, dl_manager):
         path = self._find_file(dl_manager)
+        sources = {"astroclip": path}
         sizes = astroclip_desi.inspect(path)
         for split in astroclip_desi.SPLITS:
             astroclip_desi.check_split_not_empty(path, sizes, split)
+        duplicates = astroclip_desi.find_duplicates(path, self._duplicate_policy)
+        if duplicates.rows:
+            logging.warning("AstroCLIP file %s: dropped %d row(s) whose targetid appeared "
+                            "before (%d targetid(s); the first occurrence kept), e.g. %s", path,
+                            duplicates.rows, duplicates.targetids, duplicates.examples)
+        self.info.metadata["duplicates"] = {"policy": self._duplicate_policy,
+                                            **duplicates.report()}
         props = {}
         if self.builder_config.join_provabgs:
-            catalog = provabgs.read_catalog(self._find_provabgs(dl_manager))
+            sources["provabgs"] = self._find_provabgs(dl_manager)
+            catalog = provabgs.read_catalog(sources["provabgs"])
             # One join over both splits: "matches no target" is a property of the whole file.
-            ids = {s: astroclip_desi.read_targetids(path, s) for s in astroclip_desi.SPLITS}
+            ids = {s: astroclip_desi.read_targetids(path, s,
+                                                    duplicate_policy=self._duplicate_policy)
+                   for s in astroclip_desi.SPLITS}
             everything = provabgs.join(catalog, np.concatenate(list(ids.values())))
             offset = 0
             for split in astroclip_desi.SPLITS:
@@ -235,6 +304,7 @@ class AstroclipDesi(_Builder):
                                 "has_props": everything.has_props[offset:offset + n]}
                 offset += n
             self.info.metadata["provabgs_counts"] = everything.counts
+        self.info.metadata["recipe"] = self.recipe(sources)
         self.info.metadata["nan_counts"] = {}
         return {split: self._generate_examples(path, split, props.get(split))
                 for split in astroclip_desi.SPLITS}
@@ -243,7 +313,8 @@ class AstroclipDesi(_Builder):
         counts = self.info.metadata["nan_counts"].setdefault(split, {})
         offset = 0
         for block in astroclip_desi.iter_blocks(path, split, nan_policy=self._nan_policy,
-                                                counts=counts):
+                                                counts=counts,
+                                                duplicate_policy=self._duplicate_policy):
             for j in range(len(block["row"])):
                 k = offset + j
                 if props and props["targetid"][k] != block["targetid"][j]:  # join misaligned
@@ -266,7 +337,7 @@ class AstroclipDesi(_Builder):
         try:
             return os.fspath(dl_manager.download(astroclip_desi.URL))
         except Exception as err:  # network errors come in many types
-            raise FileNotFoundError(
+            raise errors.MissingInput(
                 f"{astroclip_desi.FILENAME} is not in the manual dir and downloading "
                 f"{astroclip_desi.URL} failed ({err}).{self.MANUAL_DOWNLOAD_INSTRUCTIONS}") from err
 
@@ -275,7 +346,7 @@ class AstroclipDesi(_Builder):
             return os.fspath(self._provabgs_path)
         manual = _manual_file(dl_manager, provabgs.FILENAME)
         if manual is None:
-            raise FileNotFoundError(f"config 'provabgs' needs {provabgs.FILENAME}: pass "
+            raise errors.MissingInput(f"config 'provabgs' needs {provabgs.FILENAME}: pass "
                                     f"provabgs_path or put it in the manual dir."
                                     f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
         return manual
@@ -294,11 +365,11 @@ def builder(name: str, config, *, data_dir: str | None = None,
             file_format: str = "array_record", **kwargs):
     """The builder for `name` ("synthetic_desi" or "astroclip_desi"), writing `file_format`.
 
-    `kwargs` (provabgs_path, nan_policy) only apply to astroclip_desi.
+    `kwargs` (provabgs_path, nan_policy, duplicate_policy) only apply to astroclip_desi.
     """
     classes = {"synthetic_desi": SyntheticDesi, "astroclip_desi": AstroclipDesi}
     if name not in classes:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(classes)}")
+        raise errors.ConfigError(f"unknown dataset {name!r}; expected one of {sorted(classes)}")
     if name == "synthetic_desi":
         kwargs = {}  # the synthetic set has no preparation arguments
     return classes[name](config=config, data_dir=data_dir, file_format=file_format, **kwargs)

@@ -29,6 +29,7 @@ from absl import flags
 from astroclip_jax import wavelength_grids
 from astroclip_jax.data import builders, preprocess
 from astroclip_jax.settings import DataSettings
+from astroclip_jax.errors import DataError, MissingInput
 
 # Fields of a stored record that make up a batch (before preprocessing), and their dtypes.
 BATCH_FIELDS = {"image": np.float32, "spectrum": np.float32, "targetid": np.int64,
@@ -42,7 +43,7 @@ def data_source(data: DataSettings, split: str):
     checking that its spectra are on the configured grid."""
     builder = builders.builder(data.name, data.builder_config, data_dir=data.data_dir)
     if not os.path.exists(os.fspath(builder.data_dir)):
-        raise FileNotFoundError(
+        raise MissingInput(
             f"dataset {data.name}/{data.builder_config} is not prepared: no "
             f"{os.fspath(builder.data_dir)}; run `python main.py --config=... --mode=prepare` "
             f"(or astroclip_jax.data.prepare.prepare) first")
@@ -135,7 +136,7 @@ class TrainLoader:
         num_records = len(source)
         per_epoch = steps_per_epoch(num_records, global_batch_size)
         if per_epoch == 0:
-            raise ValueError(f"split {split!r} of {data.name}/{data.builder_config} has "
+            raise DataError(f"split {split!r} of {data.name}/{data.builder_config} has "
                              f"{num_records} examples, fewer than one global batch of "
                              f"{global_batch_size}")
         self.steps_per_epoch = per_epoch
@@ -183,7 +184,7 @@ class EvalLoader:
         self.source = data_source(data, split)
         num_records = len(self.source)
         if num_records == 0:
-            raise ValueError(f"split {split!r} is empty")
+            raise DataError(f"split {split!r} of {data.name}/{data.builder_config} is empty")
         local = rows.stop - rows.start
         source = self.source
 

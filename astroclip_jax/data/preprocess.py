@@ -9,6 +9,7 @@ What the frozen towers were trained with:
 import numpy as np
 
 from astroclip_jax.settings import DataSettings
+from astroclip_jax.errors import DataError
 
 # Stein's ToRGB constants. Channel order of the stored cutouts is (g, r, z); ToRGB reorders it
 # to (z, r, g) and applies each band's scale.
@@ -133,14 +134,14 @@ def check_grid(data_wave: np.ndarray, encoder_wave: np.ndarray, *, rtol: float =
     data_wave = np.asarray(data_wave, dtype=np.float64)
     encoder_wave = np.asarray(encoder_wave, dtype=np.float64)
     if data_wave.shape != encoder_wave.shape:
-        raise ValueError(
+        raise DataError(
             f"wavelength grid mismatch: data has {data_wave.size} pixels "
             f"({_describe(data_wave)}), the spectrum encoder expects {encoder_wave.size} "
             f"({_describe(encoder_wave)})")
     close = np.isclose(data_wave, encoder_wave, rtol=rtol, atol=0.0)
     if not close.all():
         worst = int(np.flatnonzero(~close)[0])  # the first pixel that differs
-        raise ValueError(
+        raise DataError(
             f"wavelength grid mismatch at pixel {worst}: data {data_wave[worst]:.4f} A, encoder "
             f"{encoder_wave[worst]:.4f} A (data {_describe(data_wave)}, encoder "
             f"{_describe(encoder_wave)})")

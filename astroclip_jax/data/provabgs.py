@@ -16,6 +16,8 @@ import os
 import h5py
 import numpy as np
 
+from astroclip_jax.errors import DataError, MissingInput
+
 FILENAME = "BGS_ANY_full.provabgs.sv3.v0.hdf5"
 DEFAULT_TABLE_PATH = "__astropy_table__"
 COLUMNS = ("TARGETID", "Z_HP", "PROVABGS_LOGMSTAR_BF", "MAG_G", "MAG_R", "MAG_Z")
@@ -46,26 +48,30 @@ def read_catalog(path: str, table_path: str | None = None) -> Catalog:
     """Read the catalogue table at `path` and apply the upstream cuts."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"PROVABGS catalogue {path!r} does not exist")
+        raise MissingInput(f"PROVABGS catalogue {path!r} does not exist")
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
-        raise OSError(f"PROVABGS catalogue {path!r} is not a readable HDF5 file "
-                      f"(truncated or corrupt?): {err}") from err
+        raise DataError(f"PROVABGS catalogue {path!r} is not a readable HDF5 file "
+                        f"(truncated or corrupt?): {err}") from err
     with handle:
         name = _find_table(handle, path, table_path)
-        table = handle[name][()]
+        try:
+            table = handle[name][()]
+        except OSError as err:  # a truncated file opens but fails when a missing chunk is read
+            raise DataError(f"PROVABGS catalogue {path!r}, table {name!r}: cannot be read "
+                            f"(truncated file?): {err}") from err
     fields = table.dtype.names or ()
     missing = [c for c in COLUMNS if c not in fields]
     if missing:
-        raise ValueError(f"PROVABGS catalogue {path!r}, table {name!r}: missing column(s) "
-                         f"{missing}; found {list(fields)}")
+        raise DataError(f"PROVABGS catalogue {path!r}, table {name!r}: missing column(s) "
+                        f"{missing}; found {list(fields)}")
     if table.ndim != 1:
-        raise ValueError(f"PROVABGS catalogue {path!r}, table {name!r}: expected a 1-D table, "
-                         f"got shape {table.shape}")
+        raise DataError(f"PROVABGS catalogue {path!r}, table {name!r}: expected a 1-D table, "
+                        f"got shape {table.shape}")
     if table["TARGETID"].dtype.kind not in "iu":
-        raise ValueError(f"PROVABGS catalogue {path!r}, column TARGETID: expected integers, got "
-                         f"{table['TARGETID'].dtype}")
+        raise DataError(f"PROVABGS catalogue {path!r}, column TARGETID: expected integers, got "
+                        f"{table['TARGETID'].dtype}")
 
     keep = np.ones(len(table), dtype=bool)
     for column in POSITIVE_COLUMNS:
@@ -82,9 +88,9 @@ def read_catalog(path: str, table_path: str | None = None) -> Catalog:
     if duplicated.size:
         dup = int(targetid[duplicated[0]])
         rows = np.flatnonzero((table["TARGETID"].astype(np.int64) == dup) & keep).tolist()
-        raise ValueError(f"PROVABGS catalogue {path!r}: TARGETID {dup} appears in rows {rows} "
-                         f"after the cuts ({duplicated.size} duplicated id(s)); the join needs "
-                         f"one row per target")
+        raise DataError(f"PROVABGS catalogue {path!r}: TARGETID {dup} appears in rows {rows} "
+                        f"after the cuts ({duplicated.size} duplicated id(s)); the join needs "
+                        f"one row per target")
     return Catalog(path=path, targetid=targetid, z_hp=z_hp, log_mstar=log_mstar,
                    n_rows=len(table), n_cut=int((~keep).sum()))
 
@@ -109,9 +115,9 @@ def join(catalog: Catalog, targetids: np.ndarray) -> Join:
     counts = {"matched": int(has_props.sum()), "unmatched": int((~has_props).sum()),
               "cut": catalog.n_cut}
     if targetids.size and counts["matched"] == 0:
-        raise ValueError(f"PROVABGS catalogue {catalog.path!r} matches none of the "
-                         f"{targetids.size} targets (ids {targetids[:3].tolist()}...); "
-                         f"{catalog.n_rows} rows, {catalog.n_cut} removed by the cuts")
+        raise DataError(f"PROVABGS catalogue {catalog.path!r} matches none of the "
+                        f"{targetids.size} targets (ids {targetids[:3].tolist()}...); "
+                        f"{catalog.n_rows} rows, {catalog.n_cut} removed by the cuts")
     logging.info("PROVABGS join with %s: %d matched, %d unmatched targets; %d of %d rows cut",
                  catalog.path, counts["matched"], counts["unmatched"], catalog.n_cut,
                  catalog.n_rows)
@@ -124,22 +130,22 @@ def _find_table(handle: h5py.File, path: str, table_path: str | None) -> str:
         table_path = DEFAULT_TABLE_PATH
     if table_path is not None:
         if table_path not in handle:
-            raise KeyError(f"PROVABGS catalogue {path!r}: no dataset at {table_path!r}; "
-                           f"top level holds {sorted(handle.keys())}")
+            raise DataError(f"PROVABGS catalogue {path!r}: no dataset at {table_path!r}; "
+                            f"top level holds {sorted(handle.keys())}")
         obj = handle[table_path]
         if isinstance(obj, h5py.Dataset):
             if obj.dtype.kind != "V":
-                raise ValueError(f"PROVABGS catalogue {path!r}: {table_path!r} is not a table "
-                                 f"(dtype {obj.dtype}, expected a compound dtype)")
+                raise DataError(f"PROVABGS catalogue {path!r}: {table_path!r} is not a table "
+                                f"(dtype {obj.dtype}, expected a compound dtype)")
             return table_path
         found = _compound_datasets(obj)
         if not found:
-            raise ValueError(f"PROVABGS catalogue {path!r}: no table in group {table_path!r}")
+            raise DataError(f"PROVABGS catalogue {path!r}: no table in group {table_path!r}")
         return f"{table_path}/{found[0]}"
     found = _compound_datasets(handle)
     if not found:
-        raise ValueError(f"PROVABGS catalogue {path!r}: no table (compound dataset) in the file; "
-                         f"top level holds {sorted(handle.keys())}")
+        raise DataError(f"PROVABGS catalogue {path!r}: no table (compound dataset) in the file; "
+                        f"top level holds {sorted(handle.keys())}")
     if len(found) > 1:
         logging.warning("PROVABGS catalogue %s holds tables %s; reading %s", path, found, found[0])
     return found[0]

@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 
 import h5py
 import jax
@@ -46,6 +47,7 @@ from tqdm import tqdm
 from astroclip_jax import files
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.data import pipeline, preprocess
+from astroclip_jax.errors import DataError
 from astroclip_jax.evaluation import restore
 from astroclip_jax.settings import DataSettings
 from astroclip_jax.training import sharding
@@ -65,24 +67,44 @@ def embeddings_path(workdir, split):
     return os.path.join(workdir, EMBEDDINGS_DIR, f"{split}.h5")
 
 
+def _content_digest(arrays) -> str:
+    """sha256 over every column's name, dtype, shape and bytes (what `read_embeddings` checks)."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
 def write_embeddings(path, arrays, meta, key):
     """Write ``arrays`` (name -> array) and ``meta`` to ``path`` atomically."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    arrays = {name: np.asarray(value) for name, value in arrays.items()}
     with files.atomic_path(path, suffix=".h5.tmp") as tmp, h5py.File(tmp, "w") as f:
         for name, value in arrays.items():
-            f.create_dataset(name, data=np.asarray(value))
+            f.create_dataset(name, data=value)
         f.attrs["meta"] = json.dumps(meta)
         f.attrs["embeddings_key"] = key
         f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["content_sha256"] = _content_digest(arrays)
 
 
 def read_embeddings(path):
-    """(arrays, meta, key) of an embeddings file."""
-    with h5py.File(path, "r") as f:
-        arrays = {name: f[name][()] for name in f.keys()}
-        meta = json.loads(f.attrs["meta"])
-        key = str(f.attrs.get("embeddings_key", ""))
+    """(arrays, meta, key) of an embeddings file, verified against its recorded checksum.
+
+    Raises DataError naming the file when it is truncated, not HDF5, incomplete or altered."""
+    try:
+        with h5py.File(path, "r") as f:
+            arrays = {name: f[name][()] for name in f.keys()}
+            meta = json.loads(f.attrs["meta"])
+            key = str(f.attrs["embeddings_key"])
+            recorded = str(f.attrs["content_sha256"])
+    except (OSError, KeyError, ValueError) as err:  # h5py's errors for damaged files
+        raise DataError(f"embeddings file {path} is damaged or incomplete ({err})") from None
+    if _content_digest(arrays) != recorded:
+        raise DataError(f"embeddings file {path} does not match its checksum (corrupted)")
     return arrays, meta, key
 
 
@@ -236,7 +258,7 @@ def load_or_compute_embeddings(settings: settings_lib.RunSettings, workdir: str)
     """(arrays, meta, data) of ``workdir/embeddings/<eval.split>.h5``, computed first if missing
     or stale, with the ``eval.checkpoint`` checkpoint; ``data`` is the dataset as embedded.
 
-    Raises FileNotFoundError (saying what to run) when the work directory has no checkpoint.
+    Raises MissingInput (saying what to run) when the work directory has no checkpoint.
     """
     split = settings.eval.split
     trained = restore.restore_trained_model(workdir, settings.eval.checkpoint)
@@ -244,15 +266,22 @@ def load_or_compute_embeddings(settings: settings_lib.RunSettings, workdir: str)
     path = embeddings_path(workdir, split)
     key = embeddings_key(trained.params, data, split)
     if os.path.exists(path):
-        arrays, meta, old_key = read_embeddings(path)
-        if old_key == key:
-            return arrays, meta, data
-        # Made by another checkpoint: keep the old file under its step and key.
-        step = meta.get("checkpoint", {}).get("step", "unknown")
-        old = os.path.join(os.path.dirname(path), f"{split}-step{step}-{old_key[:8]}.h5")
-        if jax.process_index() == 0:
-            os.replace(path, old)
-        print(f"embed: {path} was made with another checkpoint; kept it as {old}")
+        try:
+            arrays, meta, old_key = read_embeddings(path)
+        except DataError as err:  # set the damaged file aside (never delete it), recompute
+            aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+            if jax.process_index() == 0:
+                os.replace(path, aside)
+            print(f"embed: {err}; set it aside as {aside} and recomputing")
+        else:
+            if old_key == key:
+                return arrays, meta, data
+            # Made by another checkpoint: keep the old file under its step and key.
+            step = meta.get("checkpoint", {}).get("step", "unknown")
+            old = os.path.join(os.path.dirname(path), f"{split}-step{step}-{old_key[:8]}.h5")
+            if jax.process_index() == 0:
+                os.replace(path, old)
+            print(f"embed: {path} was made with another checkpoint; kept it as {old}")
     arrays, meta = compute_embeddings(trained, data, split, settings.eval.batch_size)
     if jax.process_index() == 0:
         write_embeddings(path, arrays, meta, key)
@@ -281,7 +310,11 @@ def read_examples(data: DataSettings, split: str, rows, image_size: int):
 
 def run(config, workdir):
     """``--mode=embed``: write (or confirm up to date) ``workdir/embeddings/<split>.h5``."""
-    arrays, meta, _ = load_or_compute_embeddings(settings_lib.resolve(config), workdir)
+    from astroclip_jax.evaluation import runner  # the runner builds on this module
+
+    settings = settings_lib.resolve(config)
+    with runner.evaluation_directory(workdir, "embed"):
+        arrays, meta, _ = load_or_compute_embeddings(settings, workdir)
     path = embeddings_path(workdir, meta["split"])
     print(f"embed: {path}: {meta['n']} galaxies, embedding dim "
           f"{arrays['image_embedding'].shape[1]}, checkpoint step {meta['checkpoint']['step']}, "

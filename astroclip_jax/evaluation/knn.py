@@ -19,6 +19,7 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import r2_score
 from sklearn.neighbors import KNeighborsRegressor
 
+from astroclip_jax.errors import DataError
 from astroclip_jax.evaluation import plots, runner
 
 # Property name -> column of the embeddings file (the paper's targets: Z_HP and log M*).
@@ -170,7 +171,7 @@ def report(inputs: runner.EvalInputs) -> runner.EvalResult:
     arrays, settings = inputs.arrays, inputs.settings
     n_props = len(property_rows(arrays))
     if n_props < 2 * settings.knn_neighbors:
-        raise SystemExit(
+        raise DataError(
             f"eval_knn: only {n_props} galaxies of split {inputs.meta['split']!r} have "
             "properties (z_hp and log_mstar); prepare the dataset with its property catalogue "
             "(PROVABGS) first")

@@ -26,6 +26,7 @@ import numpy as np
 
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.data import preprocess
+from astroclip_jax.errors import DataError, MissingInput
 from astroclip_jax.models import astroclip, partition
 from astroclip_jax.training import checkpoint as checkpoint_lib
 
@@ -63,14 +64,14 @@ def restore_trained_model(workdir_or_checkpoint: str, which: str = "best") -> Tr
     try:
         ckpt = checkpoint_lib.Checkpointer(workdir, read_only=True)
     except FileNotFoundError as err:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{err}; train first: python main.py --config=... --mode=train --workdir={workdir}"
         ) from None
     try:
         try:
             step = ckpt.step_for(which)
         except FileNotFoundError:
-            raise FileNotFoundError(f"no {which!r} checkpoint in {ckpt.directory}; train first "
+            raise MissingInput(f"no {which!r} checkpoint in {ckpt.directory}; train first "
                                     f"(--mode=train --workdir={workdir})") from None
         state, meta = ckpt.restore(step)
     finally:
@@ -105,7 +106,7 @@ class Embedder:
         if images.ndim == 3:
             images = images[None]
         if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected (N, H, W, 3) g, r, z images, got shape {images.shape}")
+            raise DataError(f"expected (N, H, W, 3) g, r, z images, got shape {images.shape}")
         return preprocess.preprocess_images(images, self._data)
 
     def preprocess_spectra(self, spectra) -> np.ndarray:
@@ -117,7 +118,7 @@ class Embedder:
             spectra = spectra[None]
         length = self.trained.settings.model.spectrum_length
         if spectra.ndim != 2 or spectra.shape[1] != length:
-            raise ValueError(f"expected (N, {length}) spectra on the {self._data.grid} grid, "
+            raise DataError(f"expected (N, {length}) spectra on the {self._data.grid} grid, "
                              f"got shape {spectra.shape}")
         return preprocess.preprocess_spectra(spectra, self._data)[0]
 

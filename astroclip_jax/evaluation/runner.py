@@ -12,21 +12,23 @@ settings, no files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from astroclip_jax import files
+from astroclip_jax import files, locks
 from astroclip_jax import settings as settings_lib
+from astroclip_jax.errors import WouldOverwrite
 from astroclip_jax.evaluation import embed
 
 RESULT_FILE = "results.json"
 
 
-class ResultExists(FileExistsError):
+class ResultExists(WouldOverwrite):
     """A result file exists and eval.overwrite is False."""
 
 
@@ -102,6 +104,19 @@ def save_figure(fig, path: str) -> str:
     return path
 
 
+@contextlib.contextmanager
+def evaluation_directory(workdir: str, mode: str) -> Iterator[None]:
+    """One evaluation at a time per work directory (beside a training, which holds another
+    lock); clears what a killed evaluation left half-written in the folders evaluations write."""
+    if not os.path.isdir(workdir):  # nothing to evaluate: the checkpoint lookup says so
+        yield
+        return
+    with locks.DirectoryLock(workdir, f"evaluation ({mode})", name="evaluation"):
+        for folder in (embed.EMBEDDINGS_DIR, "eval_knn", "search", "cluster"):
+            files.remove_leftovers(os.path.join(workdir, folder))
+        yield
+
+
 def _examples_reader(data, split: str, image_size: int):
     def examples(rows) -> dict[str, Any]:
         rows = np.asarray(rows, np.int64)
@@ -116,6 +131,11 @@ def run_evaluator(config, workdir: str, mode: str,
     """Run one evaluation mode end to end (module docstring); its report."""
     settings = settings_lib.resolve(config)
     out = result_dir(workdir, mode, settings.eval.overwrite)
+    with evaluation_directory(workdir, mode):
+        return _run(settings, workdir, mode, out, evaluate)
+
+
+def _run(settings, workdir, mode, out, evaluate):
     arrays, meta, data = embed.load_or_compute_embeddings(settings, workdir)
     result = evaluate(EvalInputs(arrays=arrays, meta=meta, settings=settings.eval,
                                  examples=_examples_reader(data, meta["split"],

@@ -18,6 +18,7 @@ the top-1 / in the top-k. Writes ``workdir/search/results.json`` and ``figure6.p
 
 import numpy as np
 
+from astroclip_jax.errors import ConfigError
 from astroclip_jax.evaluation import plots, runner
 
 DIRECTIONS = {
@@ -118,7 +119,8 @@ def choose_queries(arrays, targetids, n_queries, seed):
         where = {int(t): i for i, t in enumerate(arrays["targetid"])}
         missing = [int(t) for t in targetids if int(t) not in where]
         if missing:
-            raise ValueError(f"search_targetids not in this split: {missing}")
+            raise ConfigError(f"config field eval.search_targetids: {missing} are not in this "
+                              f"split")
         return np.asarray([where[int(t)] for t in targetids], np.int64)
     n = len(arrays["targetid"])
     return np.random.default_rng(seed).choice(n, size=min(n_queries, n), replace=False)

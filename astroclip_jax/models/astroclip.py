@@ -36,6 +36,7 @@ from absl import logging
 
 from astroclip_jax import wavelength_grids
 from astroclip_jax.data.preprocess import center_crop
+from astroclip_jax.errors import ConfigError, DataError
 from astroclip_jax.flat_tree import SEP as _SEP
 from astroclip_jax.flat_tree import flatten, unflatten
 from astroclip_jax.models import heads, towers
@@ -172,7 +173,7 @@ def _check_grid(model: ModelSettings, extras: Mapping[str, np.ndarray]) -> None:
     wave_obs = np.asarray(extras["wave_obs"], np.float64).ravel()
     data_wave = wavelength_grids.wave(model.grid)
     if wave_obs.shape != data_wave.shape or not np.allclose(wave_obs, data_wave, rtol=0, atol=1e-3):
-        raise ValueError(
+        raise ConfigError(
             f"spectrum tower {model.spectrum_tower.weights} was trained on a grid of "
             f"{wave_obs.size} pixels [{wave_obs[0]:.2f}, {wave_obs[-1]:.2f}] A, but "
             f"data.grid={model.grid!r} has {data_wave.size} pixels "
@@ -230,7 +231,7 @@ def _check_tree(name: str, got: Mapping[str, Any], want: Mapping[str, Any]) -> N
     bad = [k for k in set(got_flat) & set(want_flat)
            if tuple(np.shape(got_flat[k])) != tuple(want_flat[k].shape)]
     if missing or extra or bad:
-        raise ValueError(f"{name}: variables do not match the module: missing {missing}, "
+        raise DataError(f"{name}: variables do not match the module: missing {missing}, "
                          f"unexpected {extra}, wrong shape {sorted(bad)}")
 
 
@@ -240,7 +241,7 @@ def _moco_head_init(head_vars: Params, moco_head: Mapping[str, Any]) -> Params:
     try:
         _check_tree("image_head", moco_head, want)
     except ValueError as e:
-        raise ValueError(f"model.image_head.init_from_tower: the image head does not have the "
+        raise ConfigError(f"model.image_head.init_from_tower: the image head does not have the "
                          f"shape of the tower's MoCo head ({e}); set image_head.hidden/out to the "
                          "MoCo sizes or init_from_tower=False") from None
     return {"params": jax.tree.map(jnp.asarray, dict(moco_head))}

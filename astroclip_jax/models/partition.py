@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
+from astroclip_jax.errors import ConfigError
 from astroclip_jax.flat_tree import SEP as _SEP
 from astroclip_jax.flat_tree import flatten, unflatten
 from astroclip_jax.models import heads
@@ -33,7 +34,8 @@ def partition(params: Params, patterns: Sequence[str]) -> tuple[Params, Params]:
     flat = flatten(params)
     for p in patterns:
         if not any(re.fullmatch(p, name) for name in flat):
-            raise ValueError(f"config.train.trainable pattern {p!r} matches no parameter; "
+            raise ConfigError(f"config field train.trainable: pattern {p!r} matches no "
+                              "parameter; "
                              f"names look like {sorted(flat)[:3]}")
     trainable = {k: v for k, v in flat.items() if is_trainable(k, patterns)}
     frozen = {k: v for k, v in flat.items() if k not in trainable}

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from astroclip_jax import files
+from astroclip_jax.errors import DataError, MissingInput, WouldOverwrite
 from astroclip_jax.flat_tree import SEP as _SEP
 from astroclip_jax.flat_tree import flatten, unflatten
 
@@ -51,7 +52,7 @@ def save_tower(
     """Writes a tower directory atomically and returns its path."""
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+        raise WouldOverwrite(f"{out_dir} already exists; pass overwrite=True to replace it")
     arrays = {name: np.asarray(value) for name, value in flatten(variables).items()}
     if any(k.startswith(_EXTRA + _SEP) for k in arrays):
         raise ValueError(f"variables must not have a top-level collection named {_EXTRA!r}")
@@ -77,16 +78,16 @@ def load_tower(path: str | os.PathLike, kind: str | None = None) -> TowerWeights
     npz_path = os.path.join(path, "variables.npz")
     for p in (meta_path, npz_path):
         if not os.path.isfile(p):
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{p} not found: {path} is not a converted tower directory "
                 "(make one with `python -m converters.resnet50` or `python -m converters.spender`)")
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, "
+        raise DataError(f"{meta_path}: format_version {meta.get('format_version')!r}, "
                          f"expected {FORMAT_VERSION}")
     if kind is not None and meta["kind"] != kind:
-        raise ValueError(f"{path} holds a {meta['kind']!r} tower, expected {kind!r}")
+        raise DataError(f"{path} holds a {meta['kind']!r} tower, expected {kind!r}")
     with np.load(npz_path) as npz:
         flat = {k: npz[k] for k in npz.files}
     extras = {k[len(_EXTRA) + 1:]: v for k, v in flat.items() if k.startswith(_EXTRA + _SEP)}

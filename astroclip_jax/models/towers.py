@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from astroclip_jax.errors import ConfigError
 from astroclip_jax.models import tower_weights
 
 KINDS = ("resnet", "spender")
@@ -55,7 +56,8 @@ def tower_config(kind: str, size: str) -> dict[str, Any]:
     """The config dict of a named size (e.g. ("resnet", "resnet50"), ("spender", "test"))."""
     sizes = _sizes(kind)
     if size not in sizes:
-        raise ValueError(f"unknown {kind} size {size!r}; expected one of {sorted(sizes)}")
+        raise ConfigError(f"config field model.*_tower.size: unknown {kind} size {size!r}; "
+                          f"expected one of {sorted(sizes)}")
     return dict(sizes[size])
 
 

@@ -26,8 +26,16 @@ from absl import logging
 
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.data import pipeline, shipped_files
+from astroclip_jax.errors import ConfigError
 from astroclip_jax.models import astroclip, partition
-from astroclip_jax.training import cached_views, feature_store, loop, optimizer, sharding, steps
+from astroclip_jax.training import (
+    cached_views,
+    feature_store,
+    loop,
+    optimizer,
+    sharding,
+    steps,
+)
 from astroclip_jax.training.feature_store import FeatureCache
 
 _ONLINE_KEYS = ("image", "spectrum", "spectrum_scale")  # what the online step reads
@@ -49,19 +57,19 @@ def _pixel_std(settings: settings_lib.RunSettings) -> np.ndarray | None:
 
 def run(config, workdir: str) -> Any:
     """Train (or resume training) in `workdir`; the final TrainState."""
-    settings = settings_lib.resolve(config)
-    train = settings.train
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    settings = settings_lib.resolve(config)  # checked before any work starts
+    with loop.work_directory(os.path.abspath(workdir), settings) as workdir:
+        return _train(config, settings, workdir)
 
+
+def _train(config, settings: settings_lib.RunSettings, workdir: str) -> Any:
+    train = settings.train
     mesh = loop.make_mesh(settings)
     loop.prepare_data(settings.data)
     train_records = pipeline.PreprocessedRecords(settings.data, train.train_split)
     num_records = len(train_records)
+    loop.check_batch_fits(train, num_records)
     steps_per_epoch = pipeline.steps_per_epoch(num_records, train.batch_size)
-    if steps_per_epoch == 0:
-        raise ValueError(f"split {train.train_split!r} has {num_records} examples, fewer than "
-                         f"one global batch of {train.batch_size}")
     logging.info("%s/%s: %d steps per epoch, %d epochs", settings.data.name,
                  settings.data.builder_config, steps_per_epoch, train.epochs)
 
@@ -140,7 +148,7 @@ def _cached_path(settings, workdir, model, tx, frozen, mesh, train_records, rng,
                  towers_frozen):
     """(train_step, batches) of the cached step: builds (or reuses) the feature cache."""
     if not towers_frozen:
-        raise ValueError("feature_cache.enabled needs frozen towers (cached features would go "
+        raise ConfigError("feature_cache.enabled needs frozen towers (cached features would go "
                          "stale); set --config.feature_cache.enabled=False to train the towers")
     cache_settings, train = settings.feature_cache, settings.train
     views = cached_views.view_spec(settings.augment, cache_settings, settings.seed)

@@ -32,9 +32,10 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from astroclip_jax import files
+from astroclip_jax import files, locks
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.data import prepare as prepare_lib
+from astroclip_jax.errors import ConfigError, DamagedCheckpoint, TrainingDiverged
 from astroclip_jax.training import checkpoint as checkpoint_lib
 from astroclip_jax.training import metrics as metrics_lib
 from astroclip_jax.training import sharding
@@ -89,8 +90,9 @@ def make_mesh(settings: settings_lib.RunSettings) -> jax.sharding.Mesh:
     logging.get_absl_logger().addFilter(_QuietOrbax())
     sharding.maybe_initialize_distributed(settings.multihost)
     mesh = sharding.make_mesh()
-    sharding.check_batch_size(settings.train.batch_size, mesh)
-    sharding.check_batch_size(settings.train.val_batch_size, mesh)
+    sharding.check_batch_size(settings.train.batch_size, mesh, "config field train.batch_size")
+    sharding.check_batch_size(settings.train.val_batch_size, mesh,
+                              "config field train.val_batch_size")
     logging.info("%d devices (%s) in %d processes; global batch %d", jax.device_count(),
                  jax.devices()[0].platform, jax.process_count(), settings.train.batch_size)
     return mesh
@@ -105,6 +107,60 @@ def prepare_data(data: settings_lib.DataSettings) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("dataset prepared")
+
+
+CHANGES_FILE = "config_changes.jsonl"
+
+
+@contextlib.contextmanager
+def work_directory(workdir: str, settings: settings_lib.RunSettings,
+                   purpose: str = "training") -> Iterator[str]:
+    """Hold the work directory's writer lock (one training at a time; the first process of a
+    multi-process run holds it for all) and clear what a killed run left half-written.
+
+    Taken before any device is touched, so a second training stops within the seconds it
+    takes to import: a lone process asks JAX nothing (that would start its backends)."""
+    os.makedirs(workdir, exist_ok=True)
+    if sharding.wants_distributed(settings.multihost):
+        sharding.maybe_initialize_distributed(settings.multihost)
+        if not is_main_process():
+            yield workdir
+            return
+    with locks.DirectoryLock(workdir, purpose):
+        for path in files.remove_leftovers(workdir):
+            logging.info("removed %s, left by an interrupted run", path)
+        yield workdir
+
+
+def check_batch_fits(train: settings_lib.TrainSettings, num_records: int) -> None:
+    """A global batch must fit in the training split (before any expensive work)."""
+    if train.batch_size > num_records:
+        raise ConfigError(f"config field train.batch_size is {train.batch_size} but split "
+                          f"{train.train_split!r} has only {num_records} examples")
+
+
+def _record_resume_changes(workdir: str, step: int, saved: dict[str, Any],
+                           current: dict[str, Any]) -> None:
+    """Refuse changes that would make another run; record the allowed ones with their step."""
+    changes = settings_lib.changes_on_resume(saved, current)
+    if not changes or not is_main_process():
+        return
+    path = os.path.join(workdir, CHANGES_FILE)
+    with open(path, "a", encoding="utf-8") as f:
+        for name, (was, now) in changes.items():
+            logging.info("resuming at step %d with %s = %r (was %r)", step, name, now, was)
+            f.write(json.dumps({"step": step, "field": name, "from": was, "to": now}) + "\n")
+
+
+def _check_finite(metrics: Metrics, step: int, last_good: int | None) -> None:
+    bad = [k for k in ("loss", "grad_norm") if k in metrics and not np.isfinite(metrics[k])]
+    if bad:
+        where = (f"the last good checkpoint is step {last_good}" if last_good is not None
+                 else "no checkpoint was written")
+        raise TrainingDiverged(
+            f"step {step}: {' and '.join(bad)} became {float(metrics[bad[0]])}; training stopped "
+            f"and nothing after the last epoch was saved ({where}); lower the learning rate or "
+            "check the data")
 
 
 def _truncate_metrics(workdir: str, epoch: int) -> None:
@@ -123,9 +179,11 @@ def _mean_metrics(per_step: list[Metrics]) -> dict[str, float]:
 
 
 def _advance(bar, metrics, done: int, epoch: int, t_epoch: float, batch_size: int,
-             log_every: int) -> None:
-    """Wait for a step's metrics, then tick the bar (and show loss and pairs/s now and then)."""
-    metrics = jax.block_until_ready(metrics)
+             log_every: int, last_good: int | None) -> None:
+    """Wait for a step's metrics, stop on a non-finite loss or gradient, then tick the bar
+    (and show loss and pairs/s now and then)."""
+    metrics = jax.device_get(metrics)
+    _check_finite(metrics, bar.n + 1, last_good)
     bar.update(1)
     if done % log_every == 0 or done == 1:
         pairs_per_s = done * batch_size / (time.time() - t_epoch)
@@ -135,19 +193,35 @@ def _advance(bar, metrics, done: int, epoch: int, t_epoch: float, batch_size: in
 
 def run(trainer: Trainer, train: settings_lib.TrainSettings, workdir: str,
         config_json: dict[str, Any]) -> Any:
-    """Train (or resume training) in `workdir` until `train.epochs`; the final state."""
+    """Train (or resume training) in `workdir` until `train.epochs`; the final state.
+    The caller holds the work directory (`work_directory`)."""
     spe = trainer.steps_per_epoch
     total_steps = spe * train.epochs
 
     banner("resume or init")
     ckpt = checkpoint_lib.Checkpointer(workdir, keep=train.keep_checkpoints)
+    try:
+        return _run(trainer, train, workdir, config_json, ckpt, spe, total_steps)
+    finally:
+        ckpt.close()  # finishes (and seals) the last good save, whatever stopped the run
+
+
+def _run(trainer, train, workdir, config_json, ckpt, spe, total_steps):
     latest = ckpt.latest_step()
+    if latest is None and ckpt.damaged:
+        raise DamagedCheckpoint(
+            f"no intact checkpoint in {ckpt.directory} to resume from: " + "; ".join(
+                f"step {s}: {p}" for s, p in sorted(ckpt.damaged.items())) +
+            f" (set aside in {os.path.join(workdir, checkpoint_lib.DAMAGED_DIR)}; move them "
+            "away to start afresh)")
     if latest is not None:
+        meta = ckpt.restore_meta(latest)
+        _record_resume_changes(workdir, latest, meta["config"], config_json)
+        if meta["steps_per_epoch"] != spe:
+            raise ConfigError(f"the checkpoint has {meta['steps_per_epoch']} steps per epoch, "
+                              f"the data now gives {spe}: the dataset changed")
         state, meta = ckpt.restore(latest, trainer.abstract_state)
         epoch0, schedule = meta["epoch"], meta["schedule"]
-        if meta["steps_per_epoch"] != spe:
-            raise ValueError(f"checkpoint has {meta['steps_per_epoch']} steps per epoch, the data "
-                             f"now gives {spe}: data or batch size changed")
         logging.info("resumed from %s: step %d, epoch %d", ckpt.directory, latest, epoch0)
     else:
         state, epoch0, schedule = trainer.init_state(), 0, dict(trainer.initial_schedule)
@@ -174,12 +248,14 @@ def run(trainer: Trainer, train: settings_lib.TrainSettings, workdir: str,
                 # flight so the host prepares the next batch while the devices compute.
                 if i > 0:
                     _advance(bar, per_step[-2], i, epoch, t_epoch, train.batch_size,
-                             train.log_every_steps)
+                             train.log_every_steps, ckpt.latest_step())
             _advance(bar, per_step[-1], spe, epoch, t_epoch, train.batch_size,
-                     train.log_every_steps)
+                     train.log_every_steps, ckpt.latest_step())
             train_metrics = _mean_metrics(per_step)
             epoch_s = time.time() - t_epoch
             val = trainer.validate(state)
+            if not np.isfinite(val["loss"]):
+                _check_finite({"loss": val["loss"]}, bar.n, ckpt.latest_step())
             state, schedule = trainer.end_of_epoch(state, schedule, val)
             step = int(jax.device_get(state.step))
             record = {"epoch": epoch + 1, "train/loss": train_metrics["loss"],
@@ -199,7 +275,6 @@ def run(trainer: Trainer, train: settings_lib.TrainSettings, workdir: str,
     bar.close()
     ckpt.wait()
     best = ckpt.best_step()
-    ckpt.close()
 
     if writer is not None:
         writer.close()

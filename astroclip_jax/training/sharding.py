@@ -15,18 +15,24 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from astroclip_jax.errors import ConfigError
 
 DATA_AXIS = "data"
 # Set by launchers that jax.distributed.initialize() reads on its own.
 _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 
 
+def wants_distributed(multihost: bool) -> bool:
+    """Several processes: `multihost` (the config's) or a coordinator in the environment."""
+    return multihost or any(v in os.environ for v in _MULTIHOST_ENV)
+
+
 def maybe_initialize_distributed(multihost: bool) -> None:
-    """`jax.distributed.initialize()` if `multihost` (the config's) or a coordinator is in the
-    environment."""
-    wanted = multihost or any(v in os.environ for v in _MULTIHOST_ENV)
-    if wanted and not jax.distributed.is_initialized():
+    """`jax.distributed.initialize()` when `wants_distributed`."""
+    if wants_distributed(multihost) and not jax.distributed.is_initialized():
         jax.distributed.initialize()
         logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
@@ -50,11 +56,11 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+def check_batch_size(global_batch_size: int, mesh: Mesh, field: str = "batch size") -> None:
     n = mesh.devices.size
     if global_batch_size % n or global_batch_size % jax.process_count():
-        raise ValueError(f"global batch {global_batch_size} is not divisible by {n} devices "
-                         f"and {jax.process_count()} processes")
+        raise ConfigError(f"{field} {global_batch_size} is not divisible by the {n} devices "
+                          f"and {jax.process_count()} processes: use a multiple of {n}")
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh,
