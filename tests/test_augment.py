@@ -1,5 +1,6 @@
 """Augmentations against NumPy/SciPy references and their statistical contracts."""
 
+import dataclasses
 import math
 
 import jax
@@ -8,7 +9,11 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from astroclip_jax import augment
+from astroclip_jax import settings
+from astroclip_jax.data import shipped_files
+from astroclip_jax.data.preprocess import center_crop
+from astroclip_jax.training import augment
+from configs import spender
 
 KEY = jax.random.PRNGKey(0)
 # Jitted once here: eager dispatch compiles every primitive separately and is far slower.
@@ -16,7 +21,14 @@ rotate = jax.jit(augment.rotate)
 blur = jax.jit(augment.blur, static_argnums=2)
 gaussian_blur = jax.jit(augment.gaussian_blur, static_argnums=2)
 gaussian_noise = jax.jit(augment.gaussian_noise)  # std_range may be traced
-augment_images = jax.jit(augment.augment_images, static_argnums=2)
+augment_images = jax.jit(augment.augment_images, static_argnums=2)  # settings are hashable
+
+# Augmentation settings: the smoke config's, with every step switched as each test needs.
+OFF = dataclasses.replace(settings.resolve(spender.get_config("smoke")).augment, rotation=False,
+                          flip=False, crop=0, blur_sigma_max=0.0, noise_std_max=0.0,
+                          spectrum_noise_scale=0.0)
+CFG = dataclasses.replace(OFF, rotation=True, flip=True, crop=12, blur_sigma_max=1.0,
+                          noise_std_max=0.1, spectrum_noise_scale=1.0)
 
 
 def _images(batch=3, size=16, channels=2, seed=0):
@@ -120,33 +132,19 @@ def test_gaussian_noise_std_statistics():
     assert abs(per_image.mean() - 0.5) < 0.05
 
 
-def test_spectrum_noise_uses_pixel_std():
-    pixel_std = augment.load_desi_pixel_std()
-    assert pixel_std.shape == (7781,) and pixel_std.dtype == np.float32
+def test_spectrum_noise_uses_pixel_std_in_flux_units():
+    """Noise of 2 x pixel_std flux on z-scored spectra: divided by each row's flux scale."""
+    pixel_std = shipped_files.pixel_std("desi")
+    assert pixel_std.shape == (7781,) and np.all(pixel_std > 0)
     spectra = np.ones((500, 7781), np.float32)
-    out = np.asarray(jax.jit(augment.spectrum_noise)(KEY, spectra, pixel_std, 2.0))
-    z = (out - 1.0) / (2.0 * pixel_std)
-    assert abs(z.mean()) < 0.01 and abs(z.std() - 1.0) < 0.01
-
-
-def test_center_crop_matches_slicing():
-    images = _images(batch=2, size=152, channels=3)
-    np.testing.assert_array_equal(augment.center_crop(images, 96), images[:, 28:124, 28:124])
-    odd = _images(batch=1, size=9)
-    np.testing.assert_array_equal(augment.center_crop(odd, 4), odd[:, 2:6, 2:6])
-    even = _images(batch=1, size=10)
-    np.testing.assert_array_equal(augment.center_crop(even, 5), even[:, 3:8, 3:8])
-
-
-class _Frozen(dict):
-    """A hashable dict, so a config can be a static jit argument in these tests."""
-
-    def __hash__(self):
-        return hash(tuple(sorted(self.items())))
-
-
-CFG = {"rotation": True, "flip": True, "crop": 12, "blur_sigma_max": 1.0,
-       "noise_std_max": 0.1, "spectrum_noise_scale": 1.0}
+    scale = np.tile(np.float32([1.0, 4.0]), 250)  # flux per normalised unit, per row
+    out = np.asarray(jax.jit(augment.spectrum_noise)(KEY, spectra, scale, pixel_std, 2.0))
+    z = (out - 1.0) * scale[:, None] / (2.0 * pixel_std)
+    for rows in (scale == 1.0, scale == 4.0):  # 1.9 M draws each: std error of the std 5e-4
+        assert abs(z[rows].mean()) < 0.01 and abs(z[rows].std() - 1.0) < 0.01
+    # In normalised units the rows of 4x the flux got 4x less noise.
+    ratio = (out[scale == 1.0] - 1.0).std() / (out[scale == 4.0] - 1.0).std()
+    assert ratio == pytest.approx(4.0, rel=0.01)
 
 
 def test_composer_deterministic_per_key_and_jittable():
@@ -161,23 +159,24 @@ def test_composer_deterministic_per_key_and_jittable():
 
 def test_composer_disabled_steps_are_noops():
     images = _images(batch=2, size=16)
-    off = {"rotation": False, "flip": False, "crop": 0, "blur_sigma_max": 0.0,
-           "noise_std_max": 0.0, "spectrum_noise_scale": 0.0}
-    np.testing.assert_array_equal(augment_images(KEY, images, _Frozen(off)), images)
-    np.testing.assert_array_equal(augment_images(KEY, images, _Frozen({})), images)
-    only_crop = np.asarray(augment_images(KEY, images, _Frozen(dict(off, crop=8))))
+    np.testing.assert_array_equal(augment_images(KEY, images, OFF), images)
+    only_crop = np.asarray(augment_images(KEY, images, dataclasses.replace(OFF, crop=8)))
     np.testing.assert_array_equal(only_crop, images[:, 4:12, 4:12])
+    only_flip = np.asarray(augment_images(KEY, images, dataclasses.replace(OFF, flip=True)))
+    k_flip = jax.random.split(KEY, 4)[1]  # the composer's key split
+    np.testing.assert_array_equal(only_flip, augment.random_flips(k_flip, images))
     spectra = np.ones((2, 7781), np.float32)
-    std = augment.load_desi_pixel_std()
-    np.testing.assert_array_equal(augment.augment_spectra(KEY, spectra, std, off), spectra)
-    noisy = jax.jit(lambda k, s: augment.augment_spectra(k, s, std, CFG))(KEY, spectra)
+    scale = np.ones(2, np.float32)
+    std = shipped_files.pixel_std("desi")
+    np.testing.assert_array_equal(augment.augment_spectra(KEY, spectra, scale, std, OFF), spectra)
+    noisy = jax.jit(lambda k, s: augment.augment_spectra(k, s, scale, std, CFG))(KEY, spectra)
     assert np.abs(np.asarray(noisy) - 1.0).max() > 0
 
 
 def test_crop_after_rotation_removes_filled_corners():
     images = np.ones((8, 24, 24, 1), np.float32)
-    cfg = {"rotation": True, "crop": 16}  # 16 * sqrt(2) / 2 < 12: crop stays inside the disc
-    out = np.asarray(augment_images(KEY, images, _Frozen(cfg)))
+    cfg = dataclasses.replace(OFF, rotation=True, crop=16)  # 16 sqrt(2) / 2 < 12: inside the disc
+    out = np.asarray(augment_images(KEY, images, cfg))
     np.testing.assert_allclose(out, 1.0, atol=1e-5)
 
 
@@ -187,16 +186,16 @@ def test_rotate_flip_crop_equals_the_separate_steps():
     h = jnp.array([True, False, True, False])
     v = jnp.array([True, True, False, False])
     fused = jax.jit(augment.rotate_flip_crop, static_argnums=4)(images, angles, h, v, 13)
-    steps = augment.center_crop(augment.flip(rotate(images, angles), h, v), 13)
+    steps = center_crop(augment.flip(rotate(images, angles), h, v), 13)
     # same inverse map; float32 coordinates rounded in a different order (<1e-5 pixel)
     np.testing.assert_allclose(fused, steps, atol=1e-4)
 
 
 def test_composer_equals_the_separate_steps():
     images = _images(batch=4, size=20, channels=2)
-    cfg = {"rotation": True, "flip": True, "crop": 14, "blur_sigma_max": 1.5}
-    out = augment_images(KEY, images, _Frozen(cfg))
+    cfg = dataclasses.replace(OFF, rotation=True, flip=True, crop=14, blur_sigma_max=1.5)
+    out = augment_images(KEY, images, cfg)
     k_rot, k_flip, k_blur, _ = jax.random.split(KEY, 4)  # the composer's key split
     ref = augment.random_flips(k_flip, augment.random_rotation(k_rot, images))
-    ref = augment.gaussian_blur(k_blur, augment.center_crop(ref, 14), (0.0, 1.5))
+    ref = augment.gaussian_blur(k_blur, center_crop(ref, 14), (0.0, 1.5))
     np.testing.assert_allclose(out, ref, atol=1e-4)

@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from astroclip_jax import losses
+from astroclip_jax import settings
+from astroclip_jax.models.astroclip import l2_normalize
+from astroclip_jax.training import losses
+from configs import spender
 
 # Jitted once: eager dispatch compiles every primitive separately and is far slower.
 infonce = jax.jit(losses.infonce)
@@ -55,9 +58,16 @@ def test_matches_numpy_reference(scale):
     np.testing.assert_allclose(infonce(img, spec, scale), ref, rtol=1e-5)
 
 
-def test_default_scale_is_multiplied_15_5():
+def test_configured_scale_is_15_5_and_multiplied():
+    """The paper's fixed scale comes from the config (the loss has no default any more) and
+    multiplies the cosine similarity: it is not a temperature that divides it."""
+    scale = settings.resolve(spender.get_config("")).model.logit_scale
+    assert scale == 15.5
     img, spec = _embeddings(1)
-    np.testing.assert_allclose(infonce(img, spec), _reference(img, spec, 15.5)[0], rtol=1e-5)
+    np.testing.assert_allclose(infonce(img, spec, scale), _reference(img, spec, 15.5)[0], rtol=1e-5)
+    assert _reference(img, spec, 15.5)[0] != pytest.approx(_reference(img, spec, 1 / 15.5)[0])
+    with pytest.raises(TypeError):
+        losses.infonce(img, spec)  # no silent default scale
 
 
 def test_all_equal_embeddings_give_exactly_ln_b():
@@ -74,10 +84,10 @@ def test_scale_zero_gives_ln_b():
 
 def test_l2_normalize_matches_torch_normalize_semantics():
     x = np.array([[3.0, 4.0], [1e-4, 0.0], [0.0, 0.0]], np.float32)
-    out = np.asarray(jax.jit(losses.l2_normalize)(x))
+    out = np.asarray(jax.jit(l2_normalize)(x))
     expected = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-3)
     np.testing.assert_allclose(out, expected, rtol=1e-6)
-    grad = jax.grad(lambda v: losses.l2_normalize(v).sum())(jnp.zeros((2, 3)))
+    grad = jax.grad(lambda v: l2_normalize(v).sum())(jnp.zeros((2, 3)))
     assert np.all(np.isfinite(grad))
 
 

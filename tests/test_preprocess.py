@@ -1,11 +1,19 @@
 """Host preprocessing against slicing, closed forms and hand-computed values of Stein's ToRGB."""
 
+import dataclasses
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from astroclip_jax.data import grids, preprocess
+from astroclip_jax import settings
+from astroclip_jax import wavelength_grids as grids
+from astroclip_jax.data import preprocess
+from configs import spender
+
+DATA = settings.resolve(spender.get_config("smoke")).data
 
 
 def test_center_crop_is_the_central_slice():
@@ -14,8 +22,24 @@ def test_center_crop_is_the_central_slice():
     np.testing.assert_array_equal(preprocess.center_crop(images, 96), images[:, 28:124, 28:124])
     odd = np.arange(5 * 5 * 1).reshape(5, 5, 1)
     np.testing.assert_array_equal(preprocess.center_crop(odd, 3), odd[1:4, 1:4])
+    nine, ten = images[:1, :9, :9], images[:1, :10, :10]
+    np.testing.assert_array_equal(preprocess.center_crop(nine, 4), nine[:, 2:6, 2:6])
+    np.testing.assert_array_equal(preprocess.center_crop(ten, 5), ten[:, 3:8, 3:8])
+    assert preprocess.center_crop(images, 152) is images  # equal size: the input itself
     with pytest.raises(ValueError, match="cannot crop 200x200 from 152x152"):
         preprocess.center_crop(images, 200)
+    with pytest.raises(ValueError, match=r"expects \(\.\.\., H, W, C\) images"):
+        preprocess.center_crop(images[0, 0], 2)
+
+
+def test_center_crop_on_jax_arrays_inside_jit():
+    """The same window on the device (the model crops there): traced JAX arrays, jitted."""
+    images = np.random.default_rng(1).normal(size=(2, 40, 36, 3)).astype(np.float32)
+    crop = jax.jit(preprocess.center_crop, static_argnums=1)
+    out = crop(jnp.asarray(images), 16)
+    assert isinstance(out, jax.Array) and out.shape == (2, 16, 16, 3)
+    np.testing.assert_array_equal(out, images[:, 12:28, 10:26])  # 40//2 - 8, 36//2 - 8
+    np.testing.assert_array_equal(crop(jnp.asarray(images[:, :16, :16]), 16), images[:, :16, :16])
 
 
 def _stein_pixel(g, r, z):
@@ -60,12 +84,53 @@ def test_stein_rgb_matches_scalar_transcription_and_edge_cases():
 
 def test_zscore_closed_form_and_std_floor():
     spectra = np.array([[1.0, 2.0, 3.0, 4.0], [0.0, 0.1, 0.0, 0.1]], np.float32)
-    out = preprocess.zscore_spectra(spectra)
+    out, scale = preprocess.zscore_spectra(spectra)
     std = math.sqrt(1.25)
     np.testing.assert_allclose(out[0], [(v - 2.5) / std for v in (1, 2, 3, 4)], rtol=1e-6)
     # std 0.05 < 0.2: divided by 0.2 instead.
     np.testing.assert_allclose(out[1], [-0.25, 0.25, -0.25, 0.25], rtol=1e-6)
     assert out.dtype == np.float32
+    # The scale is what the z-score divided by: a flux difference d becomes d / scale.
+    np.testing.assert_allclose(scale, [std, 0.2], rtol=1e-6)
+    assert scale.dtype == np.float32 and scale.shape == (2,)
+    same, ones = preprocess.normalise_spectra(spectra.astype(np.float64), "none")
+    assert same.dtype == np.float32 and ones.dtype == np.float32
+    np.testing.assert_array_equal(same, spectra)
+    np.testing.assert_array_equal(ones, [1.0, 1.0])
+
+
+def test_preprocess_batch_is_crop_transform_and_zscore():
+    """The one host preprocessing, against the slice, the scalar ToRGB and the float64 z-score."""
+    rng = np.random.default_rng(2)
+    batch = {"image": rng.normal(0.0, 0.3, size=(2, 8, 8, 3)).astype(np.float32),
+             "spectrum": rng.normal(3.0, 2.0, size=(2, 50)).astype(np.float32),
+             "targetid": np.array([7, 9], np.int64)}
+    before = {k: v.copy() for k, v in batch.items()}
+    data = dataclasses.replace(DATA, image_crop=4)
+    out = preprocess.preprocess_batch(batch, data)
+    assert sorted(out) == ["image", "spectrum", "spectrum_scale", "targetid"]
+    expected = np.array([_stein_pixel(*map(float, px))
+                         for px in batch["image"][:, 2:6, 2:6].reshape(-1, 3)])
+    np.testing.assert_allclose(out["image"].reshape(-1, 3), expected, rtol=1e-6, atol=1e-7)
+    s = batch["spectrum"].astype(np.float64)
+    std = np.maximum(s.std(axis=1), 0.2)
+    np.testing.assert_allclose(out["spectrum"], (s - s.mean(axis=1, keepdims=True)) / std[:, None],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["spectrum_scale"], std, rtol=1e-6)
+    np.testing.assert_array_equal(out["targetid"], batch["targetid"])
+    for k, v in before.items():
+        np.testing.assert_array_equal(batch[k], v)  # the input batch is untouched
+    # No crop, raw flux, no norm: the image and spectrum pass as float32, scale 1.
+    plain = preprocess.preprocess_batch(batch, dataclasses.replace(
+        DATA, image_crop=0, image_transform="raw", spectrum_norm="none"))
+    np.testing.assert_array_equal(plain["image"], batch["image"])
+    np.testing.assert_array_equal(plain["spectrum"], batch["spectrum"])
+    np.testing.assert_array_equal(plain["spectrum_scale"], [1.0, 1.0])
+    images = preprocess.preprocess_images(batch["image"], data)
+    np.testing.assert_array_equal(images, out["image"])
+    spectra, scale = preprocess.preprocess_spectra(batch["spectrum"], data)
+    np.testing.assert_array_equal(spectra, out["spectrum"])
+    np.testing.assert_array_equal(scale, out["spectrum_scale"])
 
 
 def test_transform_and_norm_dispatch():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from astroclip_jax.data import grids
+from astroclip_jax import wavelength_grids as grids
+from astroclip_jax.data import shipped_files
 from astroclip_jax.data import synthetic as S
 from astroclip_jax.data import synthetic_spectra as sspec
 
@@ -176,8 +177,13 @@ def test_spectrum_noise_is_the_desi_std(sample):
     assert abs(resid.mean()) < 0.01
     np.testing.assert_allclose(sample["ivar"], np.broadcast_to(1.0 / std**2, resid.shape), rtol=1e-6)
     sdss = S.generate(1, seed=3, grid="sdss", image_size=32)
-    np.testing.assert_allclose(sdss["ivar"][0], 1.0 / np.interp(grids.sdss_wave(), grids.desi_wave(), std) ** 2,
-                               rtol=1e-6)
+    sdss_std = np.interp(grids.sdss_wave(), grids.desi_wave(), std)
+    np.testing.assert_allclose(sdss["ivar"][0], 1.0 / sdss_std ** 2, rtol=1e-6)
+    # The one reader of the shipped file gives the same stds, as float64 copies.
+    np.testing.assert_array_equal(shipped_files.pixel_std("desi"), std)
+    np.testing.assert_array_equal(shipped_files.pixel_std("sdss"), sdss_std)
+    shipped_files.pixel_std("desi")[:] = 0.0  # a caller's edit must not reach the next caller
+    np.testing.assert_array_equal(shipped_files.pixel_std("desi"), std)
 
 
 def test_image_sky_noise_levels(sample):
