@@ -24,17 +24,18 @@ from astroclip_jax.errors import Busy
 class DirectoryLock:
     """An exclusive, non-blocking lock on `directory` for one purpose (a context manager)."""
 
-    def __init__(self, directory: str, purpose: str, name: str = "writer"):
+    def __init__(self, directory: str, purpose: str, name: str = "writer", wait: bool = False):
         self.directory = os.path.abspath(directory)
         self.path = os.path.join(self.directory, f".lock-{name}")
         self.purpose = purpose
+        self.wait = wait  # block until the holder is done (for work another process shares)
         self._fd: int | None = None
 
     def acquire(self) -> "DirectoryLock":
         os.makedirs(self.directory, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)

@@ -29,7 +29,7 @@ import numpy as np
 import tqdm
 from flax import struct
 
-from astroclip_jax import files
+from astroclip_jax import files, locks
 from astroclip_jax.models.astroclip import AstroCLIP
 from astroclip_jax.training import cached_views
 from astroclip_jax.training.cached_views import ViewSpec
@@ -208,13 +208,30 @@ def build_or_load_cache(model: AstroCLIP, frozen: Any, records: Records, views: 
     tower_params = {"image_tower": frozen["image_tower"],
                     "spectrum_tower": frozen["spectrum_tower"]}
     fp = fingerprint(tower_params, records, views, pixel_std)
-    path = os.path.join(os.path.abspath(cache_dir), f"feature_cache-{fp[:16]}")
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        cache = load_cache(path, mmap)
-        if cache.fingerprint == fp:
+    name = f"feature_cache-{fp[:16]}"
+    path = os.path.join(os.path.abspath(cache_dir), name)
+    # One builder per cache (runs may share a cache dir): another waits, then reuses it.
+    with locks.DirectoryLock(cache_dir, "building a feature cache", name=name, wait=True):
+        files.remove_leftovers(cache_dir, (name,))  # of a build that was killed
+        cache = _load_if_current(path, fp, mmap)
+        if cache is not None:
             if log:
                 log(f"feature cache: reusing {path}")
             return cache
+        _build(model, tower_params, records, views, batch_size, pixel_std, path, fp, log)
+    if log:
+        log(f"feature cache: wrote {path}")
+    return load_cache(path, mmap)
+
+
+def _load_if_current(path: str, fp: str, mmap: bool) -> FeatureCache | None:
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        return None
+    cache = load_cache(path, mmap)
+    return cache if cache.fingerprint == fp else None
+
+
+def _build(model, tower_params, records, views, batch_size, pixel_std, path, fp, log) -> None:
     d_img, d_spec = _feature_dims(model, tower_params, records)
     n = len(records)
     with files.atomic_directory(path) as tmp:
@@ -232,6 +249,3 @@ def build_or_load_cache(model: AstroCLIP, frozen: Any, records: Records, views: 
                 "views": dataclasses.asdict(views), "dims": {"image": d_img, "spectrum": d_spec}}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
-    if log:
-        log(f"feature cache: wrote {path}")
-    return load_cache(path, mmap)
