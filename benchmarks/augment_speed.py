@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from astroclip_jax import augment  # noqa: E402
+from astroclip_jax.settings import AugmentSettings  # noqa: E402
+from astroclip_jax.training import augment  # noqa: E402
 
 
 def _time(fn, *args, repeats):
@@ -42,8 +43,8 @@ def main():
     parser.add_argument("--chain-only", action="store_true")
     args = parser.parse_args()
 
-    cfg = {"rotation": True, "flip": True, "crop": args.size, "blur_sigma_max": 1.0,
-           "noise_std_max": 0.0}
+    cfg = AugmentSettings(rotation=True, flip=True, crop=args.size, blur_sigma_max=1.0,
+                          noise_std_max=0.0, spectrum_noise_scale=0.0)
     images = jnp.asarray(np.random.default_rng(0).normal(
         size=(args.batch, args.size, args.size, 3)).astype(np.float32))
     key = jax.random.PRNGKey(0)

@@ -8,11 +8,12 @@ Measures, in pairs per second:
                  pairs, fed by a cache of generated galaxies so that only the writing is timed;
   read_records   raw record reads from the data source (decode only);
   pipeline       preprocessed batches of `--batch` (crop 96, Stein RGB, z-score) from
-                 pipeline.train_loader, for each `--workers` setting (0 = threads in-process);
+                 pipeline.TrainLoader, for each `--workers` setting (0 = threads in-process);
 plus the stored size in MB per 1k pairs. Prints and writes benchmarks/results/data_pipeline.json.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -24,7 +25,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from astroclip_jax import settings as settings_lib  # noqa: E402
 from astroclip_jax.data import builders, pipeline, prepare, preprocess, synthetic  # noqa: E402
+from configs import spender as spender_config  # noqa: E402
 
 
 def _rate(n, seconds):
@@ -57,13 +60,17 @@ def main():
 
     tmp = tempfile.mkdtemp(prefix="bench_data_")
     try:
+        # A set of `--pairs` pairs: tfds takes a BuilderConfig object wherever it takes a
+        # registered config's name, so the settings carry one instead of a name.
         cfg = builders.SyntheticDesiConfig(name="bench", num_pairs=args.pairs, block_size=256)
-        config = dict(name="synthetic_desi", builder_config=cfg, data_dir=tmp, grid="desi",
-                      image_crop=96, image_transform="stein_rgb", spectrum_norm="zscore")
+        data = dataclasses.replace(
+            settings_lib.resolve(spender_config.get_config("")).data, name="synthetic_desi",
+            builder_config=cfg, data_dir=tmp, grid="desi", image_crop=96,
+            image_transform="stein_rgb", spectrum_norm="zscore")
         real_generate, synthetic.generate = synthetic.generate, cached
         try:
             t = time.perf_counter()
-            builder = prepare.prepare(config)
+            builder = prepare.prepare(data)
             results["prepare_write_pairs_per_s"] = _rate(args.pairs, time.perf_counter() - t)
         finally:
             synthetic.generate = real_generate
@@ -72,7 +79,7 @@ def main():
         print(f"prepare (write only): {results['prepare_write_pairs_per_s']} pairs/s, "
               f"{results['mb_per_1k_pairs']} MB per 1k pairs")
 
-        source = pipeline.data_source(config, "train")
+        source = pipeline.data_source(data, "train")
         n = min(len(source), 512)
         t = time.perf_counter()
         records = [source[i] for i in range(n)]
@@ -92,15 +99,13 @@ def main():
 
         results["pipeline_pairs_per_s"] = {}
         for workers in args.workers:
-            loader = pipeline.train_loader(dict(config, num_workers=workers), "train",
-                                           args.batch, seed=0)
-            next(loader)  # start-up (worker processes, first prefetch) not counted
-            t = time.perf_counter()
-            for _ in range(args.batches):
-                batch = next(loader)
-            rate = _rate(args.batches * args.batch, time.perf_counter() - t)
-            if hasattr(loader, "close"):
-                loader.close()
+            with pipeline.TrainLoader(dataclasses.replace(data, num_workers=workers), "train",
+                                      args.batch, seed=0) as loader:
+                next(loader)  # start-up (worker processes, first prefetch) not counted
+                t = time.perf_counter()
+                for _ in range(args.batches):
+                    batch = next(loader)
+                rate = _rate(args.batches * args.batch, time.perf_counter() - t)
             assert batch["image"].shape == (args.batch, 96, 96, 3)
             results["pipeline_pairs_per_s"][f"workers={workers}"] = rate
             print(f"pipeline, batch {args.batch}, num_workers={workers}: {rate} pairs/s")

@@ -13,8 +13,10 @@ is sharded over a "data" mesh (parameters replicated). Reported: images/s (= pai
 embeds B images and B spectra), the same on one device-resident batch (compute only), and the
 two towers alone.
 
-Cache: `feature_cache.build_or_load_cache` over --cache-n random galaxies with the configured
-views (16 image x 4 spectrum by default), timed, and extrapolated to the 158,377 training pairs.
+Cache: `training.feature_store.build_or_load_cache` over --cache-n random galaxies with the
+configured views (16 image x 4 spectrum by default), timed, and extrapolated to the 158,377
+training pairs. A build of one batch first compiles the view functions (JAX's persistent
+compilation cache, in a temporary directory, then serves them to the timed build).
 
 --dtype=bfloat16 runs the ResNet (convolutions, BatchNorm, head) in bfloat16; Spender has no
 dtype option and stays float32. Random weights (the numbers do not depend on them).
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import queue
@@ -43,13 +46,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from astroclip_jax import feature_cache as fc  # noqa: E402
-from astroclip_jax import model as model_lib  # noqa: E402
-from astroclip_jax import sharding  # noqa: E402
-from astroclip_jax.models import heads, towers  # noqa: E402
+from astroclip_jax.models import astroclip, heads, towers  # noqa: E402
+from astroclip_jax.training import cached_views, feature_store, sharding  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 TRAIN_PAIRS = 158_377  # AstroCLIP's training split
+LOGIT_SCALE = 15.5  # the model needs one; embedding does not use it
 SIZES = {  # tower sizes, image crop, spectrum length, head widths
     "full": dict(resnet="resnet50", spender="spender", crop=96, length=7781,
                  image_head=(2048,), spectrum_head=(256, 256, 256), out=128),
@@ -59,14 +61,16 @@ SIZES = {  # tower sizes, image crop, spectrum length, head widths
 
 
 def build_model(size: str, dtype: str, seed: int = 0):
-    """model.AstroCLIP with random variables filled in NumPy (no compile of a Flax init)."""
+    """models.astroclip.AstroCLIP with random variables drawn in NumPy (no compile of a Flax
+    init): `random_tower_variables`, the towers' own initialisers, for heads and towers alike."""
     s = SIZES[size]
     img_cfg = {**towers.tower_config("resnet", s["resnet"]), "head_hidden": None, "dtype": dtype}
-    model = model_lib.AstroCLIP(
+    model = astroclip.AstroCLIP(
         image_tower=towers.build_tower("resnet", img_cfg),
         spectrum_tower=towers.build_tower("spender", towers.tower_config("spender", s["spender"])),
         image_head=heads.MLPHead(hidden=s["image_head"], out=s["out"]),
-        spectrum_head=heads.MLPHead(hidden=s["spectrum_head"], out=s["out"]))
+        spectrum_head=heads.MLPHead(hidden=s["spectrum_head"], out=s["out"]),
+        image_size=s["crop"], logit_scale=LOGIT_SCALE)
     x = jnp.zeros((1, s["crop"], s["crop"], 3))
     y = jnp.zeros((1, s["length"]))
 
@@ -79,18 +83,21 @@ def build_model(size: str, dtype: str, seed: int = 0):
         v["spectrum_head"] = model.spectrum_head.init(k[3], fs)
         return v
 
-    rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
+    return model, astroclip.random_tower_variables(jax.eval_shape(init, key), key)
 
-    def fill(path, a):
-        name = jax.tree_util.keystr(path)
-        if name.endswith("['kernel']"):
-            return rng.normal(0, 1 / np.sqrt(np.prod(a.shape[:-1])), a.shape).astype(a.dtype)
-        if name.endswith("['scale']") or name.endswith("['var']"):
-            return rng.uniform(0.5, 1.5, a.shape).astype(a.dtype)
-        return rng.normal(0, 0.1, a.shape).astype(a.dtype)
 
-    params = jax.tree_util.tree_map_with_path(fill, jax.eval_shape(init, jax.random.key(seed)))
-    return model, params
+class ArrayRecords:
+    """`feature_store.Records` over preprocessed rows held in memory."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return len(self.arrays["image"])
+
+    def batch(self, indices) -> dict[str, np.ndarray]:
+        return {k: v[np.asarray(indices)] for k, v in self.arrays.items()}
 
 
 # ---------------------------------------------------------------- input with overlap
@@ -120,12 +127,13 @@ def host_batches(size: str, batch: int, n_batches: int, seed: int = 0) -> Iterat
 
 def pipeline_batches(batch: int, n_batches: int) -> Iterator[dict[str, np.ndarray]]:
     """Batches of the configured dataset's test split through the grain eval loader."""
+    from astroclip_jax import settings as settings_lib
     from astroclip_jax.data import pipeline, prepare
     from configs import spender as spender_config
 
-    config = spender_config.get_config("")
-    prepare.prepare(config.data)
-    loader = pipeline.eval_loader(config.data, "test", batch)
+    data = settings_lib.resolve(spender_config.get_config("")).data
+    prepare.prepare(data)
+    loader = pipeline.EvalLoader(data, "test", batch)
     it = iter(loader)
     for _ in range(n_batches):
         try:
@@ -202,27 +210,32 @@ def measure_cache(args, model, params) -> dict[str, Any]:
     s = SIZES[args.size]
     rng = np.random.default_rng(1)
     data = {"image": rng.uniform(0, 1, (args.cache_n, s["crop"], s["crop"], 3)).astype(np.float32),
-            "spectrum": rng.normal(0, 1, (args.cache_n, s["length"])).astype(np.float32)}
-    spec = fc.ViewSpec(dihedral=True, image_draws=args.image_draws, spectrum_draws=args.spectrum_draws,
-                       blur_sigma_max=1.0, noise_std_max=0.05, spectrum_noise_scale=1.0,
-                       dtype="float16")
-    fns, variables = fc.model_towers(model, params)
-    variables = jax.device_put(variables)
+            "spectrum": rng.normal(0, 1, (args.cache_n, s["length"])).astype(np.float32),
+            "spectrum_scale": rng.uniform(0.5, 2.0, args.cache_n).astype(np.float32)}
+    spec = cached_views.ViewSpec(
+        crop=0, dihedral=True, image_draws=args.image_draws, spectrum_draws=args.spectrum_draws,
+        blur_sigma_max=1.0, noise_std_max=0.05, spectrum_noise_scale=1.0, dtype="float16", seed=0)
+    frozen = jax.device_put({k: params[k] for k in ("image_tower", "spectrum_tower")})
     pixel_std = np.full((s["length"],), 0.1, np.float32)
-    with tempfile.TemporaryDirectory() as tmp:
-        # Warm-up on a tiny copy compiles the views function for this batch size.
-        small = {k: v[: args.cache_batch] for k, v in data.items()}
+
+    def build(records, cache_dir):
+        return feature_store.build_or_load_cache(model, frozen, records, spec, cache_dir,
+                                                 args.cache_batch, pixel_std, log=None)
+
+    records = ArrayRecords(data)
+    with tempfile.TemporaryDirectory() as tmp, \
+            _persistent_compilation_cache(os.path.join(tmp, "xla")):
+        # Every build jits its own view functions: the one-batch warm-up compiles them and
+        # JAX's persistent cache hands the programs to the timed build (which still traces).
         t0 = time.perf_counter()
-        fc.build_or_load_cache(spec, os.path.join(tmp, "warm"), fns, variables, small,
-                               pixel_std=pixel_std, batch_size=args.cache_batch, log=None)
+        build(ArrayRecords({k: v[: args.cache_batch] for k, v in data.items()}),
+              os.path.join(tmp, "warm"))
         warm_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cache = fc.build_or_load_cache(spec, tmp, fns, variables, data, pixel_std=pixel_std,
-                                       batch_size=args.cache_batch, log=None)
+        cache = build(records, tmp)
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        fc.build_or_load_cache(spec, tmp, fns, variables, data, pixel_std=pixel_std,
-                               batch_size=args.cache_batch, log=None)
+        build(records, tmp)  # found by its fingerprint
         reuse_s = time.perf_counter() - t0
         nbytes = cache.image.nbytes + cache.spectrum.nbytes
     per_galaxy_s = build_s / args.cache_n
@@ -233,6 +246,24 @@ def measure_cache(args, model, params) -> dict[str, Any]:
             "bytes": nbytes, "bytes_per_galaxy": nbytes / args.cache_n,
             "extrapolated_train_build_s": per_galaxy_s * TRAIN_PAIRS,
             "extrapolated_train_gib": nbytes / args.cache_n * TRAIN_PAIRS / 2**30}
+
+
+@contextlib.contextmanager
+def _persistent_compilation_cache(path: str):
+    """JAX's on-disk compilation cache in `path` (every program), then back as it was."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {name: getattr(jax.config, name) for name in names}
+    for name, value in zip(names, (path, 0.0, 0)):
+        jax.config.update(name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
 
 
 def main(argv=None) -> None:

@@ -40,7 +40,7 @@ def _flax_from_torch(model, dtype: str):
     import jax
     import jax.numpy as jnp
 
-    from astroclip_jax import tower_weights
+    from astroclip_jax import flat_tree
     from astroclip_jax.models.resnet import ResNet
     from converters import common, resnet50 as conv
 
@@ -49,7 +49,7 @@ def _flax_from_torch(model, dtype: str):
     flat = common.convert_strict(state, conv.key_mapping(config), [r".*\.num_batches_tracked"],
                                  conv._expected_shapes(config), "benchmark")
     module = ResNet(**{**config, "stage_sizes": tuple(config["stage_sizes"]), "dtype": dtype})
-    variables = jax.tree.map(jnp.asarray, tower_weights.unflatten(flat))
+    variables = jax.tree.map(jnp.asarray, flat_tree.unflatten(flat))
     return module, variables
 
 

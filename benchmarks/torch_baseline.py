@@ -227,6 +227,26 @@ def copy_heads_from_flax(model: TorchAstroCLIP, image_head: Mapping[str, Any],
                 lin.bias.copy_(torch.from_numpy(np.asarray(p["bias"], np.float32).copy()))
 
 
+def heads_as_flax(model: TorchAstroCLIP, tensor=lambda p: p
+                  ) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """The torch heads as Flax Dense params (the inverse of `copy_heads_from_flax`):
+    {"image_head": {"fc_0": {"kernel", "bias"}, ...}, "spectrum_head": {...}}; `tensor` maps a
+    parameter to what is reported in its place (e.g. its Adam state), in the same layout."""
+    def array(p: torch.Tensor) -> np.ndarray:
+        return tensor(p).detach().cpu().numpy().copy()
+
+    return {name: {f"fc_{i}": {"kernel": array(m.weight).T.copy(), "bias": array(m.bias)}
+                   for i, m in enumerate(seq) if isinstance(m, nn.Linear)}
+            for name, seq in (("image_head", model.image_head),
+                              ("spectrum_head", model.spectrum_head))}
+
+
+def to_torch(images: np.ndarray, spectra: np.ndarray, device: str = "cpu"):
+    """NumPy (B, H, W, 3) images and (B, L) spectra -> torch NCHW images and spectra."""
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
+            torch.from_numpy(spectra).to(device))
+
+
 # ---------------------------------------------------------------- augmentation and the step
 
 def make_augment(crop: int, blur_sigma_max: float, noise_std_max: float,

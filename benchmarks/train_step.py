@@ -10,8 +10,9 @@ Separate processes, so each peak memory (`ru_maxrss`, plus device peak on accele
 to one framework and one batch size:
   setup   torch + JAX: reference torch towers with random weights -> upstream files -> our
           converters (both sides share every weight); JAX's initial heads are copied into torch;
-          parity: both steps on the same batch without augmentation for 3 Adam steps, losses
-          must agree to 1e-4 (relative), else the benchmark stops.
+          parity (`parity`, also tests/test_torch_step_parity.py): both steps without
+          augmentation for 3 Adam steps on the same 3 batches, losses must agree to 1e-4
+          (relative), else the benchmark stops.
   jax     per batch: online step (augment + towers + heads + Adam), towers only, augmentation
           only, and the cached step (heads only) fed from a device-resident cache (views picked
           inside the jitted step) and from a host cache (views gathered in NumPy, then copied).
@@ -92,31 +93,42 @@ def make_inputs(size: str, batch: int, seed: int = 0):
     return images, spectra
 
 
+def jax_batch(images, spectra) -> dict[str, Any]:
+    """The online step's batch; the spectra count as already normalised (scale 1)."""
+    import numpy as np
+
+    return {"image": images, "spectrum": spectra,
+            "spectrum_scale": np.ones((len(spectra),), np.float32)}
+
+
 def build_jax(size: str, towers: dict[str, str], augment: dict[str, Any]):
+    """(settings, model, tx, params, state, frozen) of our model on the converted towers."""
     import jax
 
-    from astroclip_jax import model as model_lib
-    from astroclip_jax import train_step as ts
+    from astroclip_jax import settings as settings_lib
+    from astroclip_jax.models import astroclip, partition
+    from astroclip_jax.training import optimizer
 
-    config = jax_config(size, towers, augment)
-    model, params = model_lib.build(config, jax.random.PRNGKey(0))
-    trainable, frozen = model_lib.partition(params, model_lib.trainable_patterns(config))
-    state = ts.init_state(config, trainable, jax.random.fold_in(jax.random.PRNGKey(0), 1))
-    return config, model, params, state, frozen
+    run = settings_lib.resolve(jax_config(size, towers, augment))
+    model, params = astroclip.build(run.model, jax.random.PRNGKey(0))
+    trainable, frozen = partition.partition(params, run.train.trainable)
+    tx = optimizer.make_optimizer(run.train)
+    state = optimizer.init_state(tx, trainable, jax.random.fold_in(jax.random.PRNGKey(0), 1))
+    return run, model, tx, params, state, frozen
 
 
 def build_torch(size: str, workdir: str, device: str):
     import numpy as np
     import torch
 
-    from astroclip_jax import tower_weights
+    from astroclip_jax import flat_tree
     from benchmarks import torch_baseline as tb
 
     s = tb.SIZES[size]
     resnet, encoder = tb.load_upstream(_upstream_paths(workdir), size)
     model = tb.TorchAstroCLIP(resnet, encoder, s["spectrum_head_hidden"], s["embed_dim"])
     with np.load(os.path.join(workdir, "heads.npz")) as f:
-        heads = tower_weights.unflatten({k: f[k] for k in f.files})
+        heads = flat_tree.unflatten({k: f[k] for k in f.files})
     tb.copy_heads_from_flax(model, heads["image_head"]["params"], heads["spectrum_head"]["params"])
     model = model.to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
@@ -140,51 +152,89 @@ def _torch_device(name: str) -> str:
     return name
 
 
+def shared_weights(size: str, workdir: str) -> dict[str, str]:
+    """Reference torch towers with random weights -> upstream files -> our converters, in
+    `workdir`; returns the converted tower directories (what `build_jax` loads)."""
+    from benchmarks import torch_baseline as tb
+
+    resnet, encoder = tb.make_reference_towers(size, seed=0)
+    paths = tb.save_upstream(resnet, encoder, os.path.join(workdir, "upstream"))
+    towers = tb.convert_towers(paths, workdir)
+    assert towers == _tower_dirs(workdir)
+    return towers
+
+
+def parity(size: str, workdir: str, batches, torch_device: str = "cpu") -> dict[str, Any]:
+    """Our jitted online step and the torch step from the same weights (`shared_weights` first),
+    augmentation off, one Adam step per (images, spectra) batch on each side.
+
+    Also writes the JAX model's initial heads to `workdir/heads.npz` (the torch side copies
+    them). Returns per-step "jax_losses"/"torch_losses", the heads' Adam second moments after
+    each step ("jax_nu"/"torch_nu", without bias correction), the heads both started from
+    ("initial_heads") and the final heads ("jax_heads"/"torch_heads"), each flat
+    {"image_head/fc_0/kernel": array, ...}.
+    """
+    import jax
+    import numpy as np
+    import optax
+    import torch
+
+    from astroclip_jax import flat_tree
+    from astroclip_jax.training import steps
+    from benchmarks import torch_baseline as tb
+
+    run, model, tx, params, state, frozen = build_jax(size, _tower_dirs(workdir), NO_AUGMENT)
+    heads = {"image_head": params["image_head"], "spectrum_head": params["spectrum_head"]}
+    np.savez(os.path.join(workdir, "heads.npz"), **flat_tree.flatten(jax.device_get(heads)))
+    del params
+
+    def flat_heads(tree):  # {"image_head": {"params": {...}}, ...} -> flat names without "params"
+        return flat_tree.flatten({k: v["params"] for k, v in jax.device_get(tree).items()})
+
+    with jax.default_matmul_precision("highest"):  # no TF32 on GPU: float32 on both sides
+        step = jax.jit(steps.make_online_train_step(model, tx, run.augment, pixel_std=None))
+        jax_losses, jax_nu = [], []
+        for images, spectra in batches:
+            state, m = step(state, frozen, jax_batch(images, spectra))
+            jax_losses.append(float(m["loss"]))
+            jax_nu.append(flat_heads(optax.tree_utils.tree_get(state.opt_state, "nu")))
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    tmodel, opt = build_torch(size, workdir, torch_device)
+    crop = tb.SIZES[size]["crop"]
+    tstep = tb.make_step(tmodel, opt, lambda x, y: (tb.center_crop(x, crop), y))
+    torch_losses, torch_nu = [], []
+    for images, spectra in batches:
+        torch_losses.append(tstep(*tb.to_torch(images, spectra, torch_device)))
+        torch_nu.append(flat_tree.flatten(tb.heads_as_flax(
+            tmodel, lambda p: opt.state[p]["exp_avg_sq"])))
+    return {"jax_losses": jax_losses, "torch_losses": torch_losses,
+            "jax_nu": jax_nu, "torch_nu": torch_nu, "initial_heads": flat_heads(heads),
+            "jax_heads": flat_heads(state.params),
+            "torch_heads": flat_tree.flatten(tb.heads_as_flax(tmodel))}
+
+
 def worker_setup(args) -> dict[str, Any]:
     """Shared weights (torch -> upstream files -> our converters) and the parity check."""
-    import jax
     import numpy as np
     import torch
 
-    from astroclip_jax import tower_weights
-    from benchmarks import torch_baseline as tb
-
     t0 = time.time()
     torch.set_num_threads(os.cpu_count())
-    resnet, encoder = tb.make_reference_towers(args.size, seed=0)
-    paths = tb.save_upstream(resnet, encoder, os.path.join(args.workdir, "upstream"))
-    towers = tb.convert_towers(paths, args.workdir)
-    assert towers == _tower_dirs(args.workdir)
+    shared_weights(args.size, args.workdir)
     t_weights = time.time() - t0
 
-    # Parity: same batch, no augmentation, PARITY_STEPS Adam steps on each side.
-    config, model, params, state, frozen = build_jax(args.size, towers, NO_AUGMENT)
-    heads = {"image_head": params["image_head"], "spectrum_head": params["spectrum_head"]}
-    np.savez(os.path.join(args.workdir, "heads.npz"), **tower_weights.flatten(jax.device_get(heads)))
-    del params
-    images, spectra = make_inputs(args.size, args.parity_batch, seed=1)
-    from astroclip_jax import train_step as ts
-
-    with jax.default_matmul_precision("highest"):
-        step = jax.jit(ts.make_train_step(model, config))
-        jax_losses = []
-        for _ in range(PARITY_STEPS):
-            state, m = step(state, frozen, {"image": images, "spectrum": spectra})
-            jax_losses.append(float(m["loss"]))
-
-    device = _torch_device(args.torch_device)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    tmodel, opt = build_torch(args.size, args.workdir, device)
-    crop = tb.SIZES[args.size]["crop"]
-    tstep = tb.make_step(tmodel, opt, lambda x, y: (tb.center_crop(x, crop), y))
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
-    y = torch.from_numpy(spectra).to(device)
-    torch_losses = [tstep(x, y) for _ in range(PARITY_STEPS)]
+    # Parity: no augmentation, PARITY_STEPS Adam steps on each side, a new batch each step.
+    batches = [make_inputs(args.size, args.parity_batch, seed=1 + i) for i in range(PARITY_STEPS)]
+    out = parity(args.size, args.workdir, batches, _torch_device(args.torch_device))
+    jax_losses, torch_losses = out["jax_losses"], out["torch_losses"]
     rel = [abs(a - b) / abs(b) for a, b in zip(jax_losses, torch_losses)]
+    head_diff = max(float(np.max(np.abs(out["jax_heads"][k] - out["torch_heads"][k])))
+                    for k in out["torch_heads"])
     result = {"batch": args.parity_batch, "jax_losses": jax_losses, "torch_losses": torch_losses,
               "max_rel_diff": max(rel), "rtol": PARITY_RTOL, "ok": max(rel) <= PARITY_RTOL,
-              "weights_and_conversion_s": t_weights}
+              "max_head_abs_diff": head_diff, "weights_and_conversion_s": t_weights}
     if not result["ok"]:
         raise AssertionError(f"torch and JAX steps disagree: {result}")
     return result
@@ -213,21 +263,22 @@ def worker_jax(args) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
 
-    from astroclip_jax import augment
-    from astroclip_jax import feature_cache as fc
-    from astroclip_jax import train_step as ts
+    from astroclip_jax.data import pipeline
+    from astroclip_jax.training import augment, feature_store, steps
 
     b = args.batch
-    config, model, params, state, frozen = build_jax(args.size, _tower_dirs(args.workdir), AUGMENT)
+    run, model, tx, params, state, frozen = build_jax(args.size, _tower_dirs(args.workdir), AUGMENT)
     del params
     dev = jax.devices()[0]
     images, spectra = make_inputs(args.size, b)
-    batch = jax.device_put({"image": images, "spectrum": spectra}, dev)
+    batch = jax.device_put(jax_batch(images, spectra), dev)
+    host_rng = np.asarray(jax.device_get(state.rng))  # before the donating steps take `state`
     state, frozen = jax.device_put((state, frozen), dev)
     out: dict[str, Any] = {}
     sync = jax.block_until_ready
 
-    step = jax.jit(ts.make_train_step(model, config), donate_argnums=(0,))
+    step = jax.jit(steps.make_online_train_step(model, tx, run.augment, pixel_std=None),
+                   donate_argnums=(0,))
     holder = {"state": state}
 
     def online():
@@ -238,8 +289,7 @@ def worker_jax(args) -> dict[str, Any]:
 
     towers = jax.jit(lambda f, x: model.tower_features(f, x["image"], x["spectrum"]))
     out["towers_only"] = _timed(lambda: towers(frozen, batch), sync, args.steps, args.warmup)
-    aug = config.augment.to_dict()
-    augment_only = jax.jit(lambda k, x: augment.augment_images(k, x["image"], aug))
+    augment_only = jax.jit(lambda k, x: augment.augment_images(k, x["image"], run.augment))
     key = jax.random.PRNGKey(0)
     out["augment_only"] = _timed(lambda: augment_only(key, batch), sync, args.steps, args.warmup)
 
@@ -248,25 +298,25 @@ def worker_jax(args) -> dict[str, Any]:
         model.tower_features, frozen, jnp.zeros((1,) + images.shape[1:]), jnp.zeros((1, spectra.shape[1]))))
     n_cache = max(args.cache_n, 2 * b)
     rng = np.random.default_rng(0)
-    host_cache = fc.FeatureCache(
+    host_cache = feature_store.FeatureCache(
         image=rng.normal(0, 1, (args.cache_views, n_cache, d_img)).astype(np.float16),
         spectrum=rng.normal(0, 1, (4, n_cache, d_spec)).astype(np.float16))
-    dev_arrays = jax.device_put({"image": host_cache.image, "spectrum": host_cache.spectrum}, dev)
-    dev_step = jax.jit(fc.make_device_cached_train_step(model, config), donate_argnums=(0,))
-    host_step = jax.jit(fc.make_cached_train_step(model, config), donate_argnums=(0,))
+    dev_cache = jax.device_put(host_cache, dev)
+    dev_step = jax.jit(steps.make_cached_train_step(model, tx), donate_argnums=(0,))
+    host_step = jax.jit(steps.make_features_train_step(model, tx), donate_argnums=(0,))
     counter = {"i": 0}
 
     def indices():
         counter["i"] += 1
-        return fc.step_indices(n_cache, 0, counter["i"], b)
+        return pipeline.step_indices(n_cache, 0, counter["i"], b)
 
     def cached_device():
-        holder["state"], m = dev_step(holder["state"], frozen, dev_arrays, indices())
+        holder["state"], m = dev_step(holder["state"], frozen, dev_cache, indices())
         return m["loss"]
 
-    def cached_host():
-        i = counter["i"]
-        img_f, spec_f = fc.sample_cached_features(fc.sampling_key(np.uint32([0, 1]), i), host_cache, indices())
+    def cached_host():  # the views gathered in NumPy with the device path's key, then copied
+        key = steps.step_key(host_rng, counter["i"] + 1, steps.CACHED_VIEW_STREAM)
+        img_f, spec_f = feature_store.sample_cached_features(key, host_cache, indices())
         holder["state"], m = host_step(holder["state"], frozen,
                                        {"image_features": img_f, "spectrum_features": spec_f})
         return m["loss"]
@@ -294,8 +344,7 @@ def worker_torch(args) -> dict[str, Any]:
     s = tb.SIZES[args.size]
     model, opt = build_torch(args.size, args.workdir, device)
     images, spectra = make_inputs(args.size, b)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
-    y = torch.from_numpy(spectra).to(device)
+    x, y = tb.to_torch(images, spectra, device)
     aug = tb.make_augment(s["crop"], AUGMENT["blur_sigma_max"], AUGMENT["noise_std_max"],
                           AUGMENT["spectrum_noise_scale"], None)
     sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)

@@ -18,6 +18,7 @@ whose fingerprint matches is reused, so a resumed run finds its cache and pays n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -117,8 +118,10 @@ def fingerprint(tower_params: Any, records: Records, views: ViewSpec,
 # ---------------------------------------------------------------- computing
 
 
+@functools.lru_cache(maxsize=8)
 def _view_fns(model: AstroCLIP, views: ViewSpec):
-    """Jitted (tower params, batch, index, view) -> (B, D) features, `view` traced."""
+    """Jitted (tower params, batch, index, view) -> (B, D) features, `view` traced. Memoised
+    on the (hashable) model and views, so rebuilding a cache reuses the compiled programs."""
     base_key = jax.random.key(views.seed)
 
     @jax.jit
