@@ -14,6 +14,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from astroclip_jax import locks, processes
 from astroclip_jax.errors import UserError
 
 # Each mode is `run(config, workdir)` in its own module, imported only when chosen.
@@ -25,6 +26,10 @@ MODES = {
     "search": "astroclip_jax.evaluation.search",
     "cluster": "astroclip_jax.evaluation.cluster",
 }
+
+# Modes that write the work directory take its lock before importing anything heavy, so a
+# second writer stops within a second; the mode itself holds the same (re-entrant) lock.
+WRITERS = {"train": "training"}
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
 flags.DEFINE_enum("mode", "train", list(MODES), "What to do.")
@@ -46,9 +51,13 @@ def parse_flags(argv):
 
 def main(argv):
     del argv
-    module = importlib.import_module(MODES[flags.FLAGS.mode])
+    mode, workdir = flags.FLAGS.mode, flags.FLAGS.workdir
     try:
-        module.run(flags.FLAGS.config, flags.FLAGS.workdir)
+        if mode in WRITERS and not processes.wants_distributed(flags.FLAGS.config.multihost):
+            with locks.DirectoryLock(workdir, WRITERS[mode]):
+                importlib.import_module(MODES[mode]).run(flags.FLAGS.config, workdir)
+        else:
+            importlib.import_module(MODES[mode]).run(flags.FLAGS.config, workdir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -22,16 +22,25 @@ from astroclip_jax.errors import Busy
 
 
 class DirectoryLock:
-    """An exclusive, non-blocking lock on `directory` for one purpose (a context manager)."""
+    """An exclusive, non-blocking lock on `directory` for one purpose (a context manager).
+
+    Re-entrant within a process (`main.py` takes the training lock before importing the
+    trainer, which takes it again): flock treats every open of the file as another holder, so
+    this process's own holds are counted here instead of locked twice.
+    """
+
+    _held: dict[str, list] = {}  # path -> [fd, depth] of the locks this process holds
 
     def __init__(self, directory: str, purpose: str, name: str = "writer", wait: bool = False):
         self.directory = os.path.abspath(directory)
         self.path = os.path.join(self.directory, f".lock-{name}")
         self.purpose = purpose
         self.wait = wait  # block until the holder is done (for work another process shares)
-        self._fd: int | None = None
 
     def acquire(self) -> "DirectoryLock":
+        if self.path in DirectoryLock._held:
+            DirectoryLock._held[self.path][1] += 1
+            return self
         os.makedirs(self.directory, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -46,15 +55,19 @@ class DirectoryLock:
                                  "pid": os.getpid(),
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
         os.fsync(fd)
-        self._fd = fd
+        DirectoryLock._held[self.path] = [fd, 1]
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        held = DirectoryLock._held.get(self.path)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            fd = DirectoryLock._held.pop(self.path)[0]
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def __enter__(self) -> "DirectoryLock":
         return self.acquire()

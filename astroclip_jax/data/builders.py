@@ -171,8 +171,8 @@ class SyntheticDesi(_Builder):
 
     def options(self) -> dict:
         cfg = self.builder_config  # block_size only sets how many galaxies one call makes
-        return {"num_pairs": cfg.num_pairs, "grid": cfg.grid, "image_size": cfg.image_size,
-                "seed": cfg.seed}
+        return {f"builder_config.{name}": getattr(cfg, name)
+                for name in ("num_pairs", "grid", "image_size", "seed")}
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
@@ -251,7 +251,8 @@ class AstroclipDesi(_Builder):
         super().__init__(**kwargs)
 
     def options(self) -> dict:
-        return {"nan_policy": self._nan_policy, "duplicate_policy": self._duplicate_policy}
+        return {"data.nan_policy": self._nan_policy,
+                "data.duplicate_policy": self._duplicate_policy}
 
     def source_files(self, manual_dir: str | None) -> dict:
         def in_manual_dir(filename):

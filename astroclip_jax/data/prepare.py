@@ -158,8 +158,8 @@ def _tidy_if_free(builder) -> None:
                                LOCK_NAME)
     try:
         lock.acquire()
-    except errors.Busy as busy:
-        logging.info("not tidying: %s", busy)
+    except (errors.Busy, OSError) as err:  # being prepared, or a read-only data dir
+        logging.info("dataset %s: leftovers not checked: %s", builder.info.full_name, err)
         return
     try:
         remove_leftovers(builder)
@@ -189,8 +189,9 @@ def check_recipe(builder, data: DataSettings) -> None:
             logging.warning("dataset %s: its %s %s is not in the configured place any more; "
                             "using the prepared dataset unchecked", name, label, was["path"])
             continue
-        changes += [f"{label} {c}" for c in _identity_changes(was, builders.file_identity(
-            now[role]))]
+        differences = _identity_changes(was, builders.file_identity(now[role]))
+        if differences:
+            changes.append(f"{label} {', '.join(differences)}")
     options = builder.options()
     for key, was in (recorded.get("options") or {}).items():
         if options.get(key) != was:

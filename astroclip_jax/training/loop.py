@@ -32,7 +32,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from astroclip_jax import files, locks
+from astroclip_jax import files, locks, processes
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.data import prepare as prepare_lib
 from astroclip_jax.errors import ConfigError, DamagedCheckpoint, TrainingDiverged
@@ -121,7 +121,7 @@ def work_directory(workdir: str, settings: settings_lib.RunSettings,
     Taken before any device is touched, so a second training stops within the seconds it
     takes to import: a lone process asks JAX nothing (that would start its backends)."""
     os.makedirs(workdir, exist_ok=True)
-    if sharding.wants_distributed(settings.multihost):
+    if processes.wants_distributed(settings.multihost):
         sharding.maybe_initialize_distributed(settings.multihost)
         if not is_main_process():
             yield workdir

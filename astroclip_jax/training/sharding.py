@@ -9,7 +9,6 @@ environment variables).
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -19,15 +18,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from astroclip_jax.errors import ConfigError
+from astroclip_jax.processes import wants_distributed
 
 DATA_AXIS = "data"
-# Set by launchers that jax.distributed.initialize() reads on its own.
-_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
-
-
-def wants_distributed(multihost: bool) -> bool:
-    """Several processes: `multihost` (the config's) or a coordinator in the environment."""
-    return multihost or any(v in os.environ for v in _MULTIHOST_ENV)
 
 
 def maybe_initialize_distributed(multihost: bool) -> None:
