@@ -15,6 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from astroclip_jax import locks, processes
+from astroclip_jax import settings as settings_lib
 from astroclip_jax.errors import UserError
 
 # Each mode is `run(config, workdir)` in its own module, imported only when chosen.
@@ -53,6 +54,7 @@ def main(argv):
     del argv
     mode, workdir = flags.FLAGS.mode, flags.FLAGS.workdir
     try:
+        settings_lib.resolve(flags.FLAGS.config)  # every setting checked before any work
         if mode in WRITERS and not processes.wants_distributed(flags.FLAGS.config.multihost):
             with locks.DirectoryLock(workdir, WRITERS[mode]):
                 importlib.import_module(MODES[mode]).run(flags.FLAGS.config, workdir)
