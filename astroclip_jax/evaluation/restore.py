@@ -70,9 +70,8 @@ def restore_trained_model(workdir_or_checkpoint: str, which: str = "best") -> Tr
     try:
         try:
             step = ckpt.step_for(which)
-        except FileNotFoundError:
-            raise MissingInput(f"no {which!r} checkpoint in {ckpt.directory}; train first "
-                                    f"(--mode=train --workdir={workdir})") from None
+        except MissingInput as err:
+            raise MissingInput(f"{err}; train first (--mode=train --workdir={workdir})") from None
         state, meta = ckpt.restore(step)
     finally:
         ckpt.close()
