@@ -18,6 +18,7 @@ import pytest
 
 import cli_runs
 from astroclip_jax.errors import TrainingDiverged
+from astroclip_jax.evaluation import embed
 from astroclip_jax.training import checkpoint, contrastive, steps
 from configs import spender
 
@@ -261,3 +262,26 @@ def test_resume_records_allowed_changes_and_config_json_tells_the_truth(smoke_ru
     with open(os.path.join(workdir, "config.json")) as f:
         written = json.load(f)
     assert written["train"]["epochs"] == 2 and written["feature_cache"]["enabled"] is False
+
+
+# ------------------------------------------------------------------------------- embeddings
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "bit_flip"])
+def test_a_damaged_embeddings_file_is_named_set_aside_and_recomputed(smoke_run, tmp_path, kind):
+    workdir = _copy(smoke_run, tmp_path)
+    cli_runs.run("embed", workdir)
+    path = os.path.join(workdir, "embeddings", "test.h5")
+    good = embed.read_embeddings(path)[0]["image_embedding"]
+    data = bytearray(open(path, "rb").read())
+    if kind == "truncated":
+        data = data[:len(data) // 2]
+    elif kind == "garbage":
+        data = bytearray(b"garbage" * 100)
+    else:  # one bit of the largest column's bytes
+        data[int(np.argmax(np.frombuffer(bytes(data), np.uint8) != 0)) + len(data) // 2] ^= 1
+    open(path, "wb").write(bytes(data))
+    proc = cli_runs.run("embed", workdir)
+    assert f"embeddings file {path} " in proc.stdout and "set it aside" in proc.stdout
+    aside = [p for p in os.listdir(os.path.dirname(path)) if ".damaged-" in p]
+    assert len(aside) == 1
+    np.testing.assert_array_equal(embed.read_embeddings(path)[0]["image_embedding"], good)
