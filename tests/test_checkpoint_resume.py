@@ -1,80 +1,85 @@
 """Exact resume: a run killed with SIGKILL and restarted ends bitwise identical to a run
-that was never interrupted (trainable params, Adam state, step, rng, plateau, data position,
-and the validation losses it logs)."""
+that was never interrupted (trainable params, Adam state with its learning rate, step, rng,
+the plateau schedule, and the validation losses it logs), with the online step and with the
+cached step. The data position is `state.step`, so equal final states also mean both runs saw
+the same batches in the same order."""
 
-import json
 import os
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 
 import jax
 import numpy as np
+import pytest
 
-from astroclip_jax import checkpoint
+import cli_runs
+from astroclip_jax.training import checkpoint, metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Shared by the tests that run main.py: the prepared tiny dataset and compiled programs.
-DATA_DIR = os.path.join(tempfile.gettempdir(), "astroclip_jax_test_tfds")
-JAX_CACHE = os.path.join(tempfile.gettempdir(), "astroclip_jax_test_jax_cache")
-
-
-def _command(workdir):
-    return [sys.executable, "main.py", "--config=configs/spender.py:smoke", "--mode=train",
-            f"--workdir={workdir}", f"--config.data.data_dir={DATA_DIR}"]
+MODES = {"online": "--config.feature_cache.enabled=False",
+         "cached": "--config.feature_cache.enabled=True"}
 
 
-def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-                JAX_COMPILATION_CACHE_DIR=JAX_CACHE)
+def _latest_complete_step(workdir):
+    """The newest checkpoint a restart would resume from (as the Checkpointer sees it)."""
+    if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
+        return None
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    try:
+        return ckpt.latest_step()
+    finally:
+        ckpt.close()
 
 
-def _run(workdir):
-    proc = subprocess.run(_command(workdir), cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-def _finished_steps(workdir):
-    path = os.path.join(workdir, "checkpoints")
-    return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+def _latest(workdir):
+    """(state as nested dicts of NumPy arrays, meta) of the latest checkpoint."""
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    try:
+        state, meta = ckpt.restore(ckpt.step_for("latest"))
+    finally:
+        ckpt.close()
+    return jax.tree.map(np.asarray, state), meta
 
 
 def _val_losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["epoch"]: r["val/loss"] for r in map(json.loads, f)}
+    return {r["epoch"]: r["val/loss"] for r in metrics.read_metrics(workdir)}
 
 
-def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_sigkill_and_resume_is_bitwise_identical(tmp_path, mode):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    _run(straight)  # also prepares the dataset on first use
+    cli_runs.run("train", straight, MODES[mode])  # also prepares the dataset on first use
+    final, meta_final = _latest(straight)
 
-    proc = subprocess.Popen(_command(killed), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cli_runs.command("train", killed, MODES[mode]), cwd=cli_runs.ROOT,
+                            env=cli_runs.env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        while not _finished_steps(killed) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
+        while (_latest_complete_step(killed) is None and proc.poll() is None
+               and time.time() < deadline):
+            time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)  # the first checkpoint is complete: kill mid-run
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    steps_at_kill = _finished_steps(killed)
-    _, _, meta_straight = checkpoint.restore_state(straight, "latest")
-    assert steps_at_kill and max(steps_at_kill) < meta_straight["step"], steps_at_kill
+    step_at_kill = _latest_complete_step(killed)
+    assert step_at_kill is not None and step_at_kill < meta_final["step"], step_at_kill
 
-    _run(killed)  # resumes from the latest complete checkpoint
+    log = cli_runs.run("train", killed, MODES[mode]).stderr  # resumes from the latest checkpoint
+    assert f"resumed from {os.path.join(killed, 'checkpoints')}: step {step_at_kill}," in log
 
-    _, a, meta_a = checkpoint.restore_state(straight, "latest")
-    _, b, meta_b = checkpoint.restore_state(killed, "latest")
-    assert int(a["step"]) == int(b["step"]) == 18
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    for key in ("epoch", "plateau", "data_state", "val_loss"):
-        assert meta_a[key] == meta_b[key], key
+    resumed, meta_resumed = _latest(killed)
+    assert int(final["step"]) == int(resumed["step"]) == meta_final["step"] == 18  # 3 epochs x 6
+    assert set(final) == {"step", "params", "opt_state", "rng"}
+    assert jax.tree.structure(final) == jax.tree.structure(resumed)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(final),
+                            jax.tree.leaves(resumed)):
+        assert x.dtype == y.dtype, jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+    for key in ("epoch", "step", "steps_per_epoch", "schedule", "val_loss"):
+        assert meta_final[key] == meta_resumed[key], key
     # The killed run's metrics were cut back to its checkpoint and redone: same history.
     assert _val_losses(straight) == _val_losses(killed)
+    assert sorted(_val_losses(killed)) == [1, 2, 3]
     assert os.path.exists(os.path.join(killed, "training_curves.png"))

@@ -1,10 +1,17 @@
-"""Clustering on a small synthetic embedding: against direct scikit-learn and brute-force counts."""
+"""Clustering on a small synthetic embedding: against direct scikit-learn and brute-force counts;
+the mode's report on four separated blobs."""
 
+import dataclasses
+
+import matplotlib.pyplot as plt
 import numpy as np
+import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 
-from astroclip_jax.evaluation import cluster
+from astroclip_jax import settings as settings_lib
+from astroclip_jax.evaluation import cluster, runner
+from configs import spender
 
 
 def _blobs(n_per=80, d=16, seed=0):
@@ -66,3 +73,41 @@ def test_density_scaled_eps():
     np.testing.assert_allclose(cluster.applied_eps(0.2, cluster.PAPER_N // 4, "density"), 0.4,
                                rtol=1e-4)
     assert cluster.applied_eps(0.2, 10, "raw") == 0.2
+
+
+def test_report_clusters_and_samples_every_kmeans_cluster():
+    x, truth = _blobs(n_per=40)
+    n = len(x)
+    arrays = {"image_embedding": x, "spectrum_embedding": x[:, ::-1].copy(),
+              "has_props": np.zeros(n, bool), "z_hp": np.full(n, np.nan, np.float32),
+              "log_mstar": np.full(n, np.nan, np.float32)}
+    asked = []
+
+    def examples(rows):
+        asked.append(np.asarray(rows))
+        return {"image": {int(r): np.full((8, 8, 3), 0.5, np.float32) for r in rows},
+                "spectrum": {int(r): np.sin(np.arange(50) + r) for r in rows},
+                "wave": np.linspace(3600, 9824, 50)}
+
+    settings = dataclasses.replace(settings_lib.resolve(spender.get_config("smoke")).eval,
+                                   kmeans_k_min=2, kmeans_k_max=6, dbscan_scale="density",
+                                   seed=0)
+    result = cluster.report(runner.EvalInputs(arrays=arrays, meta={"n": n, "split": "test"},
+                                              settings=settings, examples=examples))
+    out = result.report
+    # The four blobs are the four k-Means clusters of the spectrum embeddings.
+    assert out["kmeans"]["best_k"] == 4 and sorted(out["kmeans"]["sizes"].values()) == [40] * 4
+    assert out["eps_applied"] == pytest.approx(0.2 * np.sqrt(cluster.PAPER_N / n))
+    assert out["n"] == n and out["params"]["dbscan_scale"] == "density"
+    assert set(out["dbscan"]) == {"image", "spectrum", "joint"}
+    # Samples: N_SAMPLE_IMAGES galaxies of every k-Means cluster (= every blob), read once.
+    (rows,) = asked
+    assert all(np.sum(truth[rows] == blob) >= cluster.N_SAMPLE_IMAGES for blob in range(4))
+    assert len(np.unique(rows)) == len(rows)
+    assert {"umap_image.png", "umap_spectrum.png", "umap_joint.png", "dbscan_image.png",
+            "kmeans_spectrum.png", "kmeans_spectra.png", "kmeans_images.png"} <= set(result.figures)
+    for fig in result.figures.values():
+        plt.close(fig)
+    # Without properties the maps are grey, and the summary says why.
+    assert any("no galaxy of this split has properties" in line for line in result.lines)
+    assert result.lines[-1] == "cluster: k-Means best k=4 (silhouette)"

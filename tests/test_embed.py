@@ -1,16 +1,22 @@
-"""The embeddings file: pooling vs loops, HDF5 round trip, reuse/stale logic, result guard.
+"""The embeddings file: pooling vs loops, HDF5 round trip, its key, reuse/stale logic, result
+guard; end to end, `--mode=embed` on a one-epoch smoke run equals the notebook Embedder on raw
+records, preprocessed as the run was."""
 
-End to end (embed mode == notebook Embedder on raw records) on a one-epoch smoke run trained by
-the test, or on the run that ASTROCLIP_EVAL_WORKDIR names (ASTROCLIP_EVAL_DATA_DIR for its data).
-"""
-
+import dataclasses
+import json
 import os
+import types
 
 import h5py
+import jax
 import numpy as np
 import pytest
 
-from astroclip_jax.evaluation import embed, plots
+import cli_runs
+from astroclip_jax import settings as settings_lib
+from astroclip_jax.data import pipeline, preprocess
+from astroclip_jax.evaluation import embed, restore, runner
+from configs import spender
 
 
 def test_pool_and_bin_equal_loops():
@@ -51,71 +57,138 @@ def test_hdf5_round_trip_keeps_dtypes(tmp_path):
         assert f["targetid"][0] == 2 ** 40
 
 
+def _run_settings(**data):
+    """The smoke settings with `data` fields replaced."""
+    settings = settings_lib.resolve(spender.get_config("smoke"))
+    return dataclasses.replace(settings, data=dataclasses.replace(settings.data, **data))
+
+
+def _params(value):
+    return {"image_head": {"params": {"kernel": np.full((3, 2), value, np.float32)}},
+            "spectrum_head": {"params": {"bias": np.arange(4, dtype=np.float32)}}}
+
+
+def test_embeddings_key_follows_params_data_and_split_not_paths():
+    data = _run_settings(data_dir="/data/tfds").data
+    key = embed.embeddings_key(_params(0.5), data, "test")
+    assert len(key) == 20 and int(key, 16) >= 0
+    assert embed.embeddings_key(jax.tree.map(np.copy, _params(0.5)), data, "test") == key
+    # Where the files sit is not what the rows depend on.
+    for moved in (dict(data_dir="/data/tfds/"), dict(data_dir="/elsewhere"), dict(data_dir=None),
+                  dict(manual_dir="/m"), dict(provabgs_path="/p.h5"), dict(num_workers=4)):
+        assert embed.embeddings_key(_params(0.5), dataclasses.replace(data, **moved),
+                                    "test") == key, moved
+    # One parameter one ulp off, another split, dataset or host preprocessing: another key.
+    nudged = _params(0.5)
+    nudged["spectrum_head"]["params"]["bias"][2] = np.nextafter(np.float32(2), np.float32(3))
+    assert embed.embeddings_key(nudged, data, "test") != key
+    assert embed.embeddings_key(_params(0.5), data, "train") != key
+    for changed in (dict(builder_config="small"), dict(name="astroclip_desi"),
+                    dict(grid="sdss"), dict(image_crop=24), dict(image_transform="raw"),
+                    dict(spectrum_norm="none")):
+        assert embed.embeddings_key(_params(0.5), dataclasses.replace(data, **changed),
+                                    "test") != key, changed
+
+
 def test_reuse_and_stale_file_kept(tmp_path, monkeypatch):
-    from ml_collections import ConfigDict
+    run = _run_settings()  # the run's own settings, as its checkpoint stores them
+    trained = {"step": 6, "params": _params(0.5)}
+    computed = []
+    monkeypatch.setattr(embed.restore, "restore_trained_model", lambda workdir, which: (
+        types.SimpleNamespace(settings=run, **trained)))
 
-    config = ConfigDict({"eval": {"split": "test", "checkpoint": "best"},
-                         "data": {"name": "synthetic_desi", "builder_config": "tiny"}})
-    state = {"step": 6, "computed": 0}
-    monkeypatch.setattr(embed, "resolve_checkpoint",
-                        lambda workdir, which: (str(tmp_path / "checkpoints"), state["step"]))
-
-    def fake_compute(config, workdir, split, which):
-        state["computed"] += 1
-        return _arrays(seed=state["step"]), {"split": split, "n": 5,
-                                             "checkpoint": {"step": state["step"]}}
+    def fake_compute(trained_model, data, split, batch_size):
+        computed.append(data)
+        step = trained_model.step
+        return _arrays(seed=step), {"split": split, "n": 5, "checkpoint": {"step": step}}
 
     monkeypatch.setattr(embed, "compute_embeddings", fake_compute)
-    a1, _ = embed.load_or_compute_embeddings(config, str(tmp_path))
-    a2, _ = embed.load_or_compute_embeddings(config, str(tmp_path))
-    assert state["computed"] == 1
+    cli = _run_settings(data_dir="/data/tfds")
+    a1, _, data = embed.load_or_compute_embeddings(cli, str(tmp_path))
+    # The dataset the command line names, preprocessed as the run's model saw its data.
+    assert computed == [data] and data == embed.data_for_run(cli.data, run)
+    assert data.data_dir == "/data/tfds"
+    a2, _, _ = embed.load_or_compute_embeddings(cli, str(tmp_path))
     np.testing.assert_array_equal(a1["image_embedding"], a2["image_embedding"])
-    state["step"] = 12  # a new best checkpoint: recompute, keep the old file under its step
-    a3, meta = embed.load_or_compute_embeddings(config, str(tmp_path))
-    assert state["computed"] == 2 and meta["checkpoint"]["step"] == 12
-    old, _, _ = embed.read_embeddings(str(tmp_path / "embeddings" / "test-step6.h5"))
+    # The same rows whatever the path to the data or the command line's preprocessing:
+    # reused, not recomputed.
+    for other in (_run_settings(data_dir="/data/tfds/"), _run_settings(data_dir="/moved"),
+                  _run_settings(data_dir="/data/tfds", image_transform="raw", image_crop=16)):
+        embed.load_or_compute_embeddings(other, str(tmp_path))
+    assert len(computed) == 1
+    path = tmp_path / "embeddings" / "test.h5"
+    old_key = embed.read_embeddings(str(path))[2]
+    assert old_key == embed.embeddings_key(_params(0.5), data, "test")
+
+    trained.update(step=12, params=_params(0.25))  # a new best checkpoint: recompute
+    a3, meta, _ = embed.load_or_compute_embeddings(cli, str(tmp_path))
+    assert len(computed) == 2 and meta["checkpoint"]["step"] == 12
+    assert embed.read_embeddings(str(path))[2] == embed.embeddings_key(_params(0.25), data, "test")
+    # The old file is kept under its step and the first 8 characters of its key.
+    assert sorted(os.listdir(tmp_path / "embeddings")) == sorted(
+        ["test.h5", f"test-step6-{old_key[:8]}.h5"])
+    old, old_meta, kept_key = embed.read_embeddings(
+        str(tmp_path / "embeddings" / f"test-step6-{old_key[:8]}.h5"))
+    assert kept_key == old_key and old_meta["checkpoint"]["step"] == 6
     np.testing.assert_array_equal(old["image_embedding"], a1["image_embedding"])
+    assert not np.array_equal(a3["image_embedding"], a1["image_embedding"])
 
 
 def test_result_dir_refuses_to_overwrite(tmp_path):
-    out = plots.result_dir(str(tmp_path), "eval_knn", "results.json", overwrite=False)
-    plots.write_json(os.path.join(out, "results.json"), {"r2": np.float32(0.5)})
-    with pytest.raises(plots.ResultExists, match="overwrite"):
-        plots.result_dir(str(tmp_path), "eval_knn", "results.json", overwrite=False)
-    assert plots.result_dir(str(tmp_path), "eval_knn", "results.json", overwrite=True) == out
+    out = runner.result_dir(str(tmp_path), "eval_knn", overwrite=False)
+    assert out == str(tmp_path / "eval_knn") and not os.path.exists(out)  # creates nothing
+    runner.write_json(os.path.join(out, runner.RESULT_FILE), {"r2": np.float32(0.5)})
+    with open(os.path.join(out, runner.RESULT_FILE)) as f:
+        assert json.load(f) == {"r2": 0.5}
+    with pytest.raises(runner.ResultExists, match="overwrite"):
+        runner.result_dir(str(tmp_path), "eval_knn", overwrite=False)
+    assert runner.result_dir(str(tmp_path), "eval_knn", overwrite=True) == out
 
 
 def test_missing_checkpoint_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="mode=train"):
-        embed.resolve_checkpoint(str(tmp_path), "best")
+        restore.restore_trained_model(str(tmp_path), "best")
+    with pytest.raises(FileNotFoundError, match="mode=train"):
+        embed.load_or_compute_embeddings(_run_settings(), str(tmp_path))
+    assert not os.path.exists(tmp_path / "embeddings")
 
 
-def test_embed_file_equals_notebook_embedder(tmp_path):
-    """Embed mode's file equals the notebook Embedder on raw records. Uses the run named by
-    ASTROCLIP_EVAL_WORKDIR, else trains a one-epoch smoke run here."""
-    import subprocess
-    import sys
-    import tempfile
+def _raw_records(data, split):
+    source = pipeline.data_source(data, split)
+    return pipeline.read_records(source, np.arange(len(source)))
 
-    from configs import spender
 
-    from astroclip_jax.evaluation import restore
+def test_embed_mode_equals_notebook_embedder_with_the_runs_preprocessing(smoke_run):
+    """`--mode=embed` writes what the notebook Embedder gives on the raw records, with the
+    RUN's host preprocessing: a command line asking for another image transform and spectrum
+    normalisation changes nothing."""
+    cli_runs.run("embed", smoke_run, "--config.data.image_transform=raw",
+                 "--config.data.spectrum_norm=none")
+    arrays, meta, _ = embed.read_embeddings(embed.embeddings_path(smoke_run, "test"))
+    embedder = restore.load_embedder(smoke_run, "best")
+    run_data = embedder.trained.settings.data
+    assert (run_data.image_transform, run_data.spectrum_norm) == ("stein_rgb", "zscore")
+    assert meta["image_transform"] == "stein_rgb" and meta["n"] == 52  # the tiny test split
+    assert meta["checkpoint"]["step"] == embedder.step == 6
 
-    config = spender.get_config("smoke")
-    workdir = os.environ.get("ASTROCLIP_EVAL_WORKDIR")
-    if workdir:
-        config.data.data_dir = os.environ.get("ASTROCLIP_EVAL_DATA_DIR") or config.data.data_dir
-    else:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        # The prepared tiny dataset shared with the other tests that run main.py.
-        config.data.data_dir = os.path.join(tempfile.gettempdir(), "astroclip_jax_test_tfds")
-        workdir = str(tmp_path / "smoke")
-        proc = subprocess.run(
-            [sys.executable, "main.py", "--config=configs/spender.py:smoke", "--mode=train",
-             f"--workdir={workdir}", f"--config.data.data_dir={config.data.data_dir}",
-             "--config.train.epochs=1"],
-            cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-            timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    diff = restore.verify_round_trip(config, workdir, n=16)
-    assert max(diff.values()) <= 1e-5
+    raw = _raw_records(dataclasses.replace(run_data, data_dir=cli_runs.DATA_DIR), "test")
+    np.testing.assert_array_equal(arrays["targetid"], raw["targetid"])
+    np.testing.assert_array_equal(arrays["index"], np.arange(52))
+    image_emb = embedder.embed_images(raw["image"])
+    spectrum_emb = embedder.embed_spectra(raw["spectrum"])
+    # float32 on differently batched calls (embed mode: batches of 32; the Embedder: one
+    # call, padded to 128 rows).
+    np.testing.assert_allclose(arrays["image_embedding"], image_emb, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(arrays["spectrum_embedding"], spectrum_emb, rtol=0, atol=1e-5)
+    # The pooled model inputs are the run's preprocessed inputs too (stored as float16).
+    np.testing.assert_allclose(arrays["image_inputs"],
+                               embed.pool_images(embedder.preprocess_images(raw["image"])),
+                               rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(arrays["spectrum_inputs"],
+                               embed.bin_spectra(embedder.preprocess_spectra(raw["spectrum"])),
+                               rtol=1e-3, atol=1e-3)
+    # ... and the command line's preprocessing would have given other embeddings.
+    raw_run = dataclasses.replace(run_data, image_transform="raw")
+    other = embedder.embed_images(preprocess.preprocess_images(raw["image"], raw_run),
+                                  preprocessed=True)
+    assert np.abs(other - image_emb).max() > 1e-2

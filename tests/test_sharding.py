@@ -15,36 +15,44 @@ negatives: ln 4 instead of ln 32 at init) would miss these by five orders of mag
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import cli_runs
 
 _SCRIPT = r"""
-import json, sys
+import dataclasses, json, sys
 import jax, numpy as np
-from astroclip_jax import model as model_lib, sharding, train_step as ts
+from astroclip_jax import settings as settings_lib
+from astroclip_jax.data import shipped_files
+from astroclip_jax.flat_tree import flatten
+from astroclip_jax.models import astroclip, partition
+from astroclip_jax.training import optimizer, sharding, steps
 from configs import spender
 
 assert jax.device_count() == 8, jax.devices()
-config = spender.get_config("smoke")  # rotation, flips and blur on: augmentation is sharded too
-model, params = model_lib.build(config, jax.random.PRNGKey(0))
-trainable, frozen = model_lib.partition(params, model_lib.trainable_patterns(config))
+settings = settings_lib.resolve(spender.get_config("smoke"))
+# Rotation, flips and blur on (the smoke config), and flux-unit spectrum noise: every
+# augmentation is sharded too.
+aug = dataclasses.replace(settings.augment, spectrum_noise_scale=1.0)
+model, params = astroclip.build(settings.model, jax.random.PRNGKey(0))
+trainable, frozen = partition.partition(params, settings.train.trainable)
 rng = np.random.default_rng(0)
-size, length = model_lib.image_size(config), model_lib.spectrum_length(config)
+size, length = settings.model.image_size, settings.model.spectrum_length
 batch = {"image": rng.normal(size=(32, size, size, 3)).astype(np.float32),
-         "spectrum": rng.normal(size=(32, length)).astype(np.float32)}
-state0 = ts.init_state(config, trainable, jax.random.PRNGKey(1))
+         "spectrum": rng.normal(size=(32, length)).astype(np.float32),
+         "spectrum_scale": rng.uniform(0.5, 2.0, 32).astype(np.float32)}
+tx = optimizer.make_optimizer(settings.train)
+state0 = optimizer.init_state(tx, trainable, jax.random.PRNGKey(1))
+train_step = steps.make_online_train_step(model, tx, aug, shipped_files.pixel_std("desi"))
 
 out = {}
 for n in (1, 8):
     mesh = sharding.make_mesh(jax.devices()[:n])
     repl = sharding.replicated(mesh)
-    step = jax.jit(ts.make_train_step(model, config),
-                   in_shardings=(repl, repl, sharding.data_sharded(mesh)),
+    step = jax.jit(train_step, in_shardings=(repl, repl, sharding.data_sharded(mesh)),
                    out_shardings=(repl, repl))
     sharded = sharding.shard_batch(batch, mesh)
     assert len(sharded["image"].sharding.device_set) == n
@@ -54,26 +62,24 @@ for n in (1, 8):
         step(sharding.replicate(state0, mesh), sharding.replicate(frozen, mesh), sharded))
     # After one Adam step the first moment is (1 - b1) * gradient: the gradient itself.
     mu = state.opt_state.inner_state[0].mu
-    grads = jax.tree.map(lambda m: np.asarray(m) / (1 - config.train.adam_b1), mu)
+    grads = jax.tree.map(lambda m: np.asarray(m) / (1 - settings.train.adam_b1), mu)
     feats = jax.jit(lambda p, b: model.tower_features(p, b["image"], b["spectrum"]),
                     in_shardings=(repl, sharding.data_sharded(mesh)))(
         sharding.replicate(params, mesh), sharded)
     feats = jax.block_until_ready(feats)
     out[n] = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
               "features": [np.asarray(f).tolist() for f in feats],
-              "grads": {k: v.tolist() for k, v in model_lib.flatten(grads).items()}}
+              "grads": {k: v.tolist() for k, v in flatten(grads).items()}}
 json.dump(out, sys.stdout)
 """
 
 
 def test_one_step_on_8_devices_equals_1_device():
-    # No persistent compilation cache here: XLA CPU programs with collectives reloaded
-    # from it hang in their first all-gather (seen with jax 0.10.2).
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    # No persistent compilation cache here (cli_runs.env): XLA CPU programs with collectives
+    # reloaded from it hang in their first all-gather (seen with jax 0.10.2).
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=cli_runs.ROOT,
+                          env=cli_runs.env(devices=8), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout)
     one, eight = out["1"], out["8"]
