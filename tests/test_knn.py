@@ -12,6 +12,7 @@ from sklearn.neighbors import KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
 
 from astroclip_jax import settings as settings_lib
+from astroclip_jax.errors import DataError
 from astroclip_jax.evaluation import knn, runner
 from configs import spender
 
@@ -121,7 +122,7 @@ def test_report_scores_the_eval_settings_protocol():
 def test_report_refuses_too_few_galaxies_with_properties():
     arrays = _table(n=60)
     arrays["has_props"][10:] = False  # at most 10 labelled galaxies, fewer than 2 x 16
-    with pytest.raises((SystemExit, ValueError), match="galaxies of split 'test' have properties"):
+    with pytest.raises(DataError, match="galaxies of split 'test' have properties"):
         knn.report(_inputs(arrays))
 
 
