@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -95,3 +96,12 @@ def remove_leftovers(directory: str, names: tuple[str, ...] | None = None) -> li
                 os.remove(path)
             removed.append(path)
     return removed
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

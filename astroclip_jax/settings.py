@@ -263,6 +263,7 @@ _CHOICES = {
     "data.image_transform": ("stein_rgb", "raw"),
     "data.spectrum_norm": ("zscore", "none"),
     "data.nan_policy": ("raise", "mask"),
+    "data.duplicate_policy": ("raise", "drop"),
     "eval.dbscan_scale": ("raw", "density"),
     "feature_cache.dtype": ("float16", "float32"),
     "model.image_tower.kind": ("resnet",),
@@ -312,7 +313,8 @@ def _validate(settings: RunSettings) -> None:
 # optimiser, seed) defines the run and must stay.
 CHANGEABLE_ON_RESUME = ("train.epochs", "train.log_every_steps", "train.keep_checkpoints",
                         "train.val_batch_size", "eval.", "feature_cache.", "data.num_workers",
-                        "data.data_dir", "data.manual_dir", "data.provabgs_path", "multihost")
+                        "data.data_dir", "data.manual_dir", "data.provabgs_path", "data.rebuild",
+                        "multihost")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -53,6 +53,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     data.spectrum_norm = "zscore"  # per spectrum, std clipped at >= 0.2 (upstream)
     data.nan_policy = "raise"
     data.num_workers = 0  # grain worker processes; 0 = in the main process
+    data.duplicate_policy = "raise"  # a repeated targetid: "raise" | "drop" (keep the first)
+    data.rebuild = False  # prepare anew although prepared (the old dataset stays until done)
 
     # ---------------------------------------------------------------- model
     c.model = model = ml_collections.ConfigDict()

@@ -2,14 +2,23 @@
 
 A converter describes, for one source state_dict, which torch key fills which Flax variable and
 how the array is transposed. `convert_strict` then insists that every source tensor is either
-mapped or explicitly ignored, that every Flax variable is filled, and that every shape matches the
-Flax module's own `jax.eval_shape(init)` shapes. Any violation raises before anything is written.
+mapped or explicitly ignored, that every Flax variable is filled, that every shape matches the
+Flax module's own `jax.eval_shape(init)` shapes and that every value is finite. Any violation
+raises before anything is written, naming the key at fault.
+
+Sizes a converter reads from the file (widths, filters) are taken from every tensor that carries
+them (`agreed_size`): one tensor of a wrong shape is outvoted by the others and then named by
+`convert_strict`, instead of setting the size and getting a consistent neighbour blamed.
+
+Files are read with torch.load(weights_only=True) allowing NumPy scalars and arrays (plain data
+that hub files and hyper-parameters hold); anything else a pickle names is refused unless the
+converter is given `trust_checkpoint=True` (command line: `--trust-checkpoint`).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import collections
 import os
 import re
 import urllib.parse
@@ -18,12 +27,22 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from astroclip_jax import files
+from astroclip_jax import errors, files
 from astroclip_jax.models import tower_weights
 
+# The keyword of every converter's `convert` that allows a full (code-running) unpickling, and
+# its command-line switch: the refusal message recommends exactly these.
+TRUST_OPTION = "trust_checkpoint"
+TRUST_HELP = "load with torch.load(weights_only=False): runs code named in the file"
 
-class ConversionError(ValueError):
+
+class ConversionError(errors.UserError, ValueError):
     """A source checkpoint that cannot be converted; the message names the file and key."""
+
+
+def flag(option: str) -> str:
+    """The command-line switch of a boolean `convert` keyword ("no_head" -> "--no-head")."""
+    return "--" + option.replace("_", "-")
 
 
 def is_url(path: str) -> bool:
@@ -34,7 +53,7 @@ def fetch(path_or_url: str, cache_dir: str | None = None) -> str:
     """Returns a local path; downloads a URL first (to `cache_dir`, default ~/.cache/astroclip_jax)."""
     if not is_url(path_or_url):
         if not os.path.isfile(path_or_url):
-            raise FileNotFoundError(f"{path_or_url}: no such file")
+            raise errors.MissingInput(f"{path_or_url}: no such file")
         return path_or_url
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "astroclip_jax")
     os.makedirs(cache_dir, exist_ok=True)
@@ -54,13 +73,21 @@ def fetch(path_or_url: str, cache_dir: str | None = None) -> str:
     return dest
 
 
-def sha256_file(path: str) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks (recorded as the converted tower's source)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def numpy_safe_globals() -> list[Any]:
+    """What NumPy scalars and arrays pickle to (plain data), under NumPy 2's module names and
+    NumPy 1's (`numpy.core.*`), which older files hold."""
+    reconstruct = np.zeros(1).__reduce__()[0]  # multiarray._reconstruct
+    scalar = np.float64(0).__reduce__()[0]  # multiarray.scalar
+    dtype_classes = {type(np.dtype(t)) for t in np.sctypeDict.values()}
+    return [np.ndarray, np.dtype, reconstruct, scalar, *sorted(dtype_classes, key=str),
+            (reconstruct, "numpy.core.multiarray._reconstruct"),
+            (scalar, "numpy.core.multiarray.scalar")]
+
+
+def _global_name(entry: Any) -> str:
+    if isinstance(entry, tuple):  # (callable, the name a pickle uses for it)
+        return entry[1]
+    return f"{entry.__module__}.{entry.__qualname__}"
 
 
 def torch_load(path: str, safe_globals: Sequence[Any] = (), trust: bool = False) -> Any:
@@ -68,12 +95,15 @@ def torch_load(path: str, safe_globals: Sequence[Any] = (), trust: bool = False)
 
     Args:
       path: a local file.
-      safe_globals: extra classes the weights_only unpickler may build (e.g. `argparse.Namespace`
-        in a Lightning checkpoint's hyper-parameters); harmless containers only.
+      safe_globals: classes the weights_only unpickler may build beyond NumPy scalars and
+        arrays (e.g. `argparse.Namespace` in a Lightning checkpoint's hyper-parameters);
+        harmless containers only.
       trust: load with weights_only=False. Runs whatever the pickle names: only for a file the
         user trusts, and the modules it names must be importable.
     """
     import torch
+
+    safe_globals = [*numpy_safe_globals(), *safe_globals]
 
     if trust:
         try:
@@ -83,15 +113,15 @@ def torch_load(path: str, safe_globals: Sequence[Any] = (), trust: bool = False)
                 f"{path}: not a readable PyTorch checkpoint even with weights_only=False "
                 f"({type(e).__name__}: {e})") from e
     try:
-        with torch.serialization.safe_globals(list(safe_globals)):
+        with torch.serialization.safe_globals(safe_globals):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, zip errors, truncated files, not a torch file at all
         unsafe = _unsafe_globals(path, safe_globals)
         if unsafe:
             raise ConversionError(
                 f"{path}: the checkpoint pickles objects that a weights-only load refuses: {unsafe}. "
-                "If you trust this file, convert it with trust=True (CLI: --trust-checkpoint), "
-                "which loads it with torch.load(weights_only=False)") from e
+                f"If you trust this file, convert it with {TRUST_OPTION}=True (command line: "
+                f"{flag(TRUST_OPTION)}), which loads it with torch.load(weights_only=False)") from e
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
 
 
@@ -99,7 +129,7 @@ def _unsafe_globals(path: str, allowed: Sequence[Any]) -> list[str]:
     """Globals in a torch zip checkpoint beyond what weights_only allows ([] if unknown)."""
     import torch
 
-    allowed_names = {f"{g.__module__}.{g.__qualname__}" for g in allowed if hasattr(g, "__qualname__")}
+    allowed_names = {_global_name(g) for g in allowed}
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # not a zip checkpoint at all
@@ -157,6 +187,9 @@ def convert_strict(
       source_name: the file name, for error messages.
     Returns:
       flat Flax name -> float32 array, covering exactly `expected_shapes`.
+    Raises:
+      ConversionError naming the first key that is unexpected, missing, of the wrong shape or
+      holds a NaN/inf (the ignored keys too: a diverged file is not converted).
     """
     ignore_re = [re.compile(p) for p in ignore]
     unknown = [k for k in source if k not in mapping and not any(r.fullmatch(k) for r in ignore_re)]
@@ -172,17 +205,57 @@ def convert_strict(
     for key, (name, transform) in mapping.items():
         if name not in expected_shapes:
             raise ConversionError(f"{source_name}: key {key!r} maps to {name!r}, which the Flax module lacks")
-        value = transform(np.asarray(source[key]))
+        raw = np.asarray(source[key])
+        value = transform(raw)
         want = tuple(expected_shapes[name])
         if value.shape != want:
             raise ConversionError(
-                f"{source_name}: key {key!r} has shape {tuple(np.asarray(source[key]).shape)}, "
+                f"{source_name}: key {key!r} has shape {tuple(raw.shape)}, "
                 f"which gives {value.shape} for {name!r}; expected {want}")
         out[name] = np.asarray(value, dtype=np.float32)
     unfilled = sorted(set(expected_shapes) - set(out))
     if unfilled:
         raise ConversionError(f"{source_name}: Flax variable(s) not filled by any key: {unfilled[:10]}")
+    for key, value in source.items():  # the ignored ones too: NaN anywhere means a bad file
+        check_finite(value, key, source_name)
     return out
+
+
+def check_finite(value: np.ndarray, key: str, source_name: str) -> None:
+    """Refuse a tensor holding NaN or inf (it would convert, then poison every output)."""
+    value = np.asarray(value)
+    if value.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(value)
+    if bad.any():
+        first = np.argwhere(bad)[0]
+        raise ConversionError(
+            f"{source_name}: key {key!r} holds {int(bad.sum())} non-finite value(s) (NaN or inf) "
+            f"of {value.size}, the first {value[tuple(first)]} at index {first.tolist()}; "
+            "expected finite weights (a diverged or damaged checkpoint?)")
+
+
+def agreed_size(source: Mapping[str, np.ndarray], carriers: Iterable[tuple[str, int, int]],
+                what: str, source_name: str) -> int | None:
+    """The size that most tensors carrying it agree on; None when none of them is there.
+
+    Args:
+      source: key -> array.
+      carriers: (key, axis, ndim) of each tensor whose `axis` must have the size; a missing
+        key or one of another ndim does not vote (`convert_strict` names it afterwards).
+      what: the size in words, for the message of a tie.
+    A tie (no size held by more tensors than any other) names every carrier: one is wrong.
+    """
+    sizes = {key: int(source[key].shape[axis]) for key, axis, ndim in carriers
+             if key in source and np.ndim(source[key]) == ndim}
+    if not sizes:
+        return None
+    ranked = collections.Counter(sizes.values()).most_common()
+    if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+        listed = ", ".join(f"{key!r} {tuple(source[key].shape)}" for key in sizes)
+        raise ConversionError(f"{source_name}: the tensors that give {what} disagree ({listed}) "
+                              "and none has a majority; one of them has the wrong shape")
+    return ranked[0][0]
 
 
 def flat_shapes(abstract_variables: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -203,11 +276,11 @@ def cli(description: str, convert: Callable[..., str], argv: Iterable[str] | Non
     parser.add_argument("output_dir", help="directory to write (tower.json + variables.npz)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     for name, help_text in (flags or {}).items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", help=help_text)
+        parser.add_argument(flag(name), dest=name, action="store_true", help=help_text)
     args = parser.parse_args(None if argv is None else list(argv))
     extra = {name: getattr(args, name) for name in (flags or {})}
     try:
         out = convert(args.input, args.output_dir, overwrite=args.overwrite, **extra)
-    except (ConversionError, FileNotFoundError, FileExistsError) as e:
-        raise SystemExit(f"error: {e}")
+    except errors.UserError as e:  # anything else is a bug: its traceback stays
+        raise SystemExit(f"error: {e}") from None
     print(f"wrote {out}")

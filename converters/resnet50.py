@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from astroclip_jax import errors
 from converters import common
 
 KIND = "resnet"
@@ -35,10 +36,9 @@ _MOCO_IGNORED = (r"encoder_k\..*", r"queue", r"queue_ptr", r"val_queue", r"val_q
 
 
 def _safe_globals() -> list[Any]:
-    """Plain-data classes allowed in a weights-only load (Lightning hyper-parameters)."""
-    scalar_reconstruct = np.float64(0).__reduce__()[0]  # numpy's multiarray.scalar
-    return [argparse.Namespace, scalar_reconstruct, np.dtype, type(np.dtype(np.float64)),
-            type(np.dtype(np.float32)), type(np.dtype(np.int64))]
+    """Plain-data classes allowed in a weights-only load beyond NumPy's (Lightning
+    hyper-parameters)."""
+    return [argparse.Namespace]
 
 
 def _extract_state_dict(obj: Any, name: str) -> tuple[dict[str, Any], str]:
@@ -80,7 +80,11 @@ def infer_config(state: Mapping[str, np.ndarray], name: str, no_head: bool = Fal
             raise common.ConversionError(f"{name}: stage layer{i} has blocks {sorted(blocks)}, "
                                          f"expected 0..{len(blocks) - 1}")
         stage_sizes.append(len(blocks))
-    config: dict[str, Any] = dict(stage_sizes=stage_sizes, width=int(state["conv1.weight"].shape[0]),
+    # The stem's width is carried by conv1, bn1 and the first block's inputs: a majority decides.
+    width = common.agreed_size(state, [("conv1.weight", 0, 4), *[(f"bn1.{p}", 0, 1) for p in (
+        "weight", "bias", "running_mean", "running_var")], ("layer1.0.conv1.weight", 1, 4),
+        ("layer1.0.downsample.0.weight", 1, 4)], "the stem width", name)
+    config: dict[str, Any] = dict(stage_sizes=stage_sizes, width=width,
                                   head_hidden=None, head_out=128)  # head_out unused without a head
     fc_keys = sorted(k for k in state if k.startswith("fc."))
     if no_head or not fc_keys:
@@ -93,8 +97,11 @@ def infer_config(state: Mapping[str, np.ndarray], name: str, no_head: bool = Fal
         if key not in state:
             raise common.ConversionError(f"{name}: missing key {key!r} (MoCo v2 head is fc.0 -> ReLU -> fc.2); "
                                          f"found {fc_keys}")
-    config["head_hidden"] = int(state["fc.0.weight"].shape[0])
-    config["head_out"] = int(state["fc.2.weight"].shape[0])
+    config["head_hidden"] = common.agreed_size(
+        state, [("fc.0.weight", 0, 2), ("fc.0.bias", 0, 1), ("fc.2.weight", 1, 2)],
+        "the head's hidden width", name)
+    config["head_out"] = common.agreed_size(
+        state, [("fc.2.weight", 0, 2), ("fc.2.bias", 0, 1)], "the head's output width", name)
     return config
 
 
@@ -144,10 +151,12 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False, no
     Nothing is written unless every source tensor is mapped (or deliberately ignored), every Flax
     variable is filled and every shape matches; otherwise `common.ConversionError` names the key.
     """
+    from astroclip_jax import files
     from astroclip_jax.models import tower_weights
 
     if os.path.exists(output_dir) and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; pass --overwrite to replace it")
+        raise errors.WouldOverwrite(f"{output_dir} already exists; pass --overwrite "
+                                    "(overwrite=True) to replace it")
     path = common.fetch(input_path_or_url)
     name = os.path.basename(path)
     obj = common.torch_load(path, safe_globals=_safe_globals(), trust=trust_checkpoint)
@@ -156,7 +165,7 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False, no
     config = infer_config(state, name, no_head=no_head)
     ignore = [r".*\.num_batches_tracked"] + ([r"fc\..*"] if no_head else [])
     flat = common.convert_strict(state, key_mapping(config), ignore, _expected_shapes(config), name)
-    source = {"file": name, "sha256": common.sha256_file(path), "format": fmt,
+    source = {"file": name, "sha256": files.sha256_file(path), "format": fmt,
               "url": input_path_or_url if common.is_url(input_path_or_url) else None}
     return tower_weights.save_tower(output_dir, KIND, config, tower_weights.unflatten(flat),
                                     source=source, overwrite=overwrite)
@@ -165,7 +174,7 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False, no
 def main(argv=None) -> None:
     common.cli(__doc__.splitlines()[0], convert, argv, flags={
         "no_head": "drop any fc.* head and convert the backbone only",
-        "trust_checkpoint": "load with torch.load(weights_only=False): runs code named in the file",
+        common.TRUST_OPTION: common.TRUST_HELP,
     })
 
 

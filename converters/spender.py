@@ -1,6 +1,6 @@
 """Spender checkpoint -> spectrum tower directory (`kind="spender"`).
 
-    python -m converters.spender INPUT OUTPUT_DIR [--overwrite]
+    python -m converters.spender INPUT OUTPUT_DIR [--overwrite] [--trust-checkpoint]
 
 INPUT (a path or http(s) URL) is one of:
   * a Spender hub file `{"model": state_dict or [state_dict, ...], "losses": ...}` of the full
@@ -12,8 +12,16 @@ redshift as a 257th input (dropped, as `spender.load_model` does), are accepted.
 Kept: the encoder weights, and `encoder.instrument.wave_obs` as extra `wave_obs`.
 Ignored on purpose: `decoder.*` (AstroCLIP uses only the encoder), `encoder.instrument.skyline_mask`
 and `encoder.instrument.lsf.weight` (used only by the decoder's transform and by data loading).
-Sizes (filters, kernels, MLP widths, n_latent) are read from the shapes. Anything else in the file,
-or any shape the Flax module does not expect, raises ConversionError; nothing is written then.
+Sizes (filters, kernels, MLP widths, n_latent) are read from the shapes, each from every tensor
+that carries it (the conv weight, bias and PReLU of a block and the next block's inputs; a Linear's
+weight, bias, PReLU and the next Linear's inputs; n_latent also from the decoder's first Linear),
+so one tensor of a wrong shape is the one named. Anything else in the file, any shape the Flax
+module does not expect, or a NaN/inf value raises ConversionError; nothing is written then.
+
+The file is read with torch.load(weights_only=True), which allows tensors, plain containers and
+NumPy scalars and arrays (`losses` often holds them); a file that pickles anything else is
+refused with those names, unless --trust-checkpoint (`trust_checkpoint=True`:
+weights_only=False, which runs what the file names).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from astroclip_jax import errors
+from astroclip_jax import files
 from astroclip_jax.models import tower_weights
 from astroclip_jax.models import spender as spender_model
 from converters import common
@@ -69,20 +79,39 @@ def _require(sd: Mapping[str, np.ndarray], key: str, ndim: int, name: str) -> np
     return value
 
 
-def infer_config(sd: Mapping[str, np.ndarray], enc: str, mlp: str, name: str) -> dict[str, Any]:
-    """Module kwargs from the tensor shapes; `enc`/`mlp` are the key prefixes in use."""
+def infer_config(sd: Mapping[str, np.ndarray], enc: str, mlp: str, name: str,
+                 decoder_input: str | None = None) -> dict[str, Any]:
+    """Module kwargs from the tensor shapes; `enc`/`mlp` are the key prefixes in use.
+
+    Each size is the one most of the tensors carrying it agree on (`common.agreed_size`), so a
+    tensor of a wrong shape or a missing one is named by `convert_strict`, not a neighbour.
+    `decoder_input`: the key of the decoder's first Linear weight, whose inputs are n_latent.
+    """
     filters, kernels = [], []
     for i in range(1, _N_CONV_BLOCKS + 1):
-        w = _require(sd, f"{enc}conv{i}.0.weight", 3, name)  # (O, I, K)
-        filters.append(int(w.shape[0]))
+        w = _require(sd, f"{enc}conv{i}.0.weight", 3, name)  # (O, I, K); K only here
         kernels.append(int(w.shape[2]))
-    widths = []
-    j = 0
-    while f"{mlp}{j}.weight" in sd and f"{mlp}{j}.bias" in sd:  # Linear layers (PReLU has no bias)
-        widths.append(int(_require(sd, f"{mlp}{j}.weight", 2, name).shape[0]))
-        j += 3
-    if not widths:
+        carriers = [(f"{enc}conv{i}.0.weight", 0, 3), (f"{enc}conv{i}.0.bias", 0, 1),
+                    (f"{enc}conv{i}.2.weight", 0, 1)]
+        if i < _N_CONV_BLOCKS:
+            carriers.append((f"{enc}conv{i + 1}.0.weight", 1, 3))
+        filters.append(common.agreed_size(sd, carriers, f"the filters of conv{i}", name))
+    # spender's MLP: Linear at 0, 3, 6, ...; after each hidden one a PReLU (1, 4, ...), Dropout.
+    indices = [int(m.group(1)) for key in sd
+               if (m := re.fullmatch(re.escape(mlp) + r"(\d+)\.(weight|bias)", key))]
+    if not indices:
         raise ConversionError(f"{name}: missing key {mlp + '0.weight'!r} (the encoder MLP's first Linear)")
+    n_layers = max(i // 3 + 1 + (i % 3 != 0) for i in indices)  # a PReLU has a Linear after it
+    widths = []
+    for k in range(n_layers):
+        j = 3 * k
+        carriers = [(f"{mlp}{j}.weight", 0, 2), (f"{mlp}{j}.bias", 0, 1)]
+        if k < n_layers - 1:
+            carriers += [(f"{mlp}{j + 1}.weight", 0, 1), (f"{mlp}{j + 3}.weight", 1, 2)]
+        elif decoder_input is not None:
+            carriers.append((decoder_input, 1, 2))
+        width = common.agreed_size(sd, carriers, f"the width of {mlp}{j}", name)
+        widths.append(1 if width is None else width)  # none there: convert_strict names them
     return dict(filters=filters, kernels=kernels, pools=kernels[:2],  # spender pools with sizes[:2]
                 mlp_hidden=widths[:-1], n_latent=widths[-1], dropout=0.0)
 
@@ -112,22 +141,30 @@ def expected_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return common.flat_shapes(abstract)
 
 
-def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False) -> str:
-    """Converts a Spender checkpoint into a tower directory; returns its path."""
+def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False,
+            trust_checkpoint: bool = False) -> str:
+    """Converts a Spender checkpoint into a tower directory; returns its path.
+
+    trust_checkpoint: load with torch.load(weights_only=False) (runs what the file names).
+    """
     if os.path.exists(output_dir) and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; pass overwrite=True to replace it")
+        raise errors.WouldOverwrite(f"{output_dir} already exists; pass --overwrite "
+                                    "(overwrite=True) to replace it")
     path = common.fetch(input_path_or_url)
     name = str(input_path_or_url)
-    sd, fmt = extract_state_dict(common.torch_load(path), name)
+    sd, fmt = extract_state_dict(common.torch_load(path, trust=trust_checkpoint), name)
 
     enc = "encoder." if any(k.startswith("encoder.") for k in sd) else ""
-    legacy_mlp = f"{enc}mlp.mlp.0.weight" in sd
+    legacy_mlp = any(k.startswith(f"{enc}mlp.mlp.") for k in sd)
     mlp = f"{enc}mlp.mlp." if legacy_mlp else f"{enc}mlp."
-    config = infer_config(sd, enc, mlp, name)
+    decoder_input = next((k for k in ("decoder.mlp.0.weight", "decoder.mlp.mlp.0.weight")
+                          if k in sd), None)
+    config = infer_config(sd, enc, mlp, name, decoder_input)
 
     # Old files fed the redshift to the MLP as a 257th input; spender.load_model drops that column.
     n_feature = config["filters"][-1] // 2
-    dropped_z = sd[f"{mlp}0.weight"].shape[1] == n_feature + 1
+    first = sd.get(f"{mlp}0.weight")
+    dropped_z = first is not None and first.ndim == 2 and first.shape[1] == n_feature + 1
     first_linear = (lambda w: w[:, :-1].T) if dropped_z else common.linear_kernel
 
     mapping = build_mapping(config, enc, mlp, first_linear)
@@ -145,7 +182,7 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False) ->
         extras["wave_obs"] = wave
     source = {
         "input": name,
-        "sha256": common.sha256_file(path),
+        "sha256": files.sha256_file(path),
         "format": fmt,
         "legacy_mlp_naming": legacy_mlp,
         "dropped_redshift_input": bool(dropped_z),
@@ -158,7 +195,8 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False) ->
 
 
 def main(argv=None) -> None:
-    common.cli(__doc__.splitlines()[0], convert, argv)
+    common.cli(__doc__.splitlines()[0], convert, argv,
+               flags={common.TRUST_OPTION: common.TRUST_HELP})
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ Test files are written here in exactly the upstream layouts: `astroclip_desi.1.1
 group and (N, 7781) in the others) and the PROVABGS catalogue with astropy's own HDF5 writer.
 """
 
+import dataclasses
 import json
 import os
-import types
 import warnings
 
 import h5py
@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from astroclip_jax import settings
 from astroclip_jax.data import astroclip_desi, builders, prepare, provabgs, synthetic
+from configs import spender
 
 L = astroclip_desi.SPECTRUM_LENGTH
 # Rows per group and, by hand, upstream's int(0.8 * N) train rows.
@@ -226,11 +228,14 @@ def test_provabgs_errors_and_other_paths(tmp_path):
 
 # ----------------------------------------------------------------------------- tfds builders
 
+SMOKE = settings.resolve(spender.get_config("smoke")).data
+
+
 def _config(**kwargs):
-    base = dict(name="astroclip_desi", builder_config="provabgs", data_dir=None,
-                manual_dir=None, provabgs_path=None, nan_policy="raise", grid="desi")
-    base.update(kwargs)
-    return base
+    return dataclasses.replace(SMOKE, **{
+        **dict(name="astroclip_desi", builder_config="provabgs", data_dir=None,
+               manual_dir=None, provabgs_path=None, nan_policy="raise", grid="desi"),
+        **kwargs})
 
 
 def test_astroclip_builder_round_trip_with_provabgs(tmp_path):
@@ -275,7 +280,7 @@ def test_failed_build_leaves_nothing(tmp_path):
         prepare.prepare(config)
     assert not os.path.exists(tmp_path / "tfds" / "astroclip_desi" / "joint" / "1.1.5")
     leftovers = list((tmp_path / "tfds" / "astroclip_desi" / "joint").glob("*"))
-    assert leftovers == []
+    assert [p.name for p in leftovers] == [".lock-" + prepare.LOCK_NAME]  # the free lock only
     with pytest.raises(FileNotFoundError, match="provabgs"):  # join asked for, no catalogue
         prepare.prepare(_config(data_dir=str(tmp_path / "tfds"), manual_dir=str(manual)))
 
@@ -300,24 +305,43 @@ def _standin(n, seed=0, *, start=0, grid="desi", image_size=152):
 def _synthetic_config(tmp_path, num_pairs=20, image_size=24):
     cfg = builders.SyntheticDesiConfig(name=f"test{num_pairs}", num_pairs=num_pairs,
                                        image_size=image_size, block_size=6)
-    return dict(name="synthetic_desi", builder_config=cfg, data_dir=str(tmp_path / "tfds"),
-                grid="desi")
+    return _config(name="synthetic_desi", builder_config=cfg, data_dir=str(tmp_path / "tfds"))
 
 
 def _records(config, split):
-    source = tfds.data_source(f"synthetic_desi/{config['builder_config'].name}", split=split,
-                              data_dir=config["data_dir"], download=False)
+    name = getattr(config.builder_config, "name", config.builder_config)
+    source = tfds.data_source(f"synthetic_desi/{name}", split=split,
+                              data_dir=config.data_dir, download=False)
     return {int(source[i]["targetid"]): source[i] for i in range(len(source))}
+
+
+def test_prepare_mode_writes_the_summary_and_reuses_the_dataset(tmp_path, monkeypatch):
+    """`--mode=prepare` on the smoke config (synthetic tiny: 256 pairs) from the stand-in."""
+    monkeypatch.setattr(synthetic, "generate", _standin)
+    config = spender.get_config("smoke")
+    config.data.data_dir = str(tmp_path / "tfds")
+    prepare.run(config, str(tmp_path / "work"))
+    with open(tmp_path / "work" / "prepare.json") as f:
+        written = json.load(f)
+    assert written["dataset"] == "synthetic_desi/tiny/1.0.0"
+    assert written["splits"]["train"]["examples"] == 204  # int(0.8 * 256)
+    assert written["splits"]["test"]["examples"] == 52
+    assert written["metadata"]["grid"] == "desi"
+    records = _records(dataclasses.replace(SMOKE, data_dir=config.data.data_dir), "test")
+    assert sorted(records) == [7_000_000 + i for i in range(204, 256)]
+    # Prepared already: a second run reads it back instead of generating again.
+    monkeypatch.setattr(synthetic, "generate", None)
+    prepare.run(config, str(tmp_path / "again"))
+    with open(tmp_path / "again" / "prepare.json") as f:
+        assert json.load(f)["splits"] == written["splits"]
 
 
 def test_synthetic_round_trip_standin_and_safe_rebuild(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic, "generate", _standin)
     config = _synthetic_config(tmp_path)
-    prepare.run(types.SimpleNamespace(data=config), str(tmp_path / "work"))  # --mode=prepare
-    with open(tmp_path / "work" / "prepare.json") as f:
-        written = json.load(f)
-    assert written["splits"]["train"]["examples"] == 16
-    assert written["splits"]["test"]["examples"] == 4
+    prepare.prepare(config)
+    splits = prepare.summary(prepare.make_builder(config))["splits"]
+    assert splits["train"]["examples"] == 16 and splits["test"]["examples"] == 4
     expected = _standin(20, image_size=24)
     for split, rows in (("train", range(0, 16)), ("test", range(16, 20))):
         records = _records(config, split)
@@ -342,7 +366,7 @@ def test_synthetic_round_trip_standin_and_safe_rebuild(tmp_path, monkeypatch):
     records = _records(config, "train")
     assert len(records) == 16
     np.testing.assert_array_equal(records[7_000_003]["image"], expected["image"][3])
-    assert not [p for p in os.listdir(config["data_dir"]) if p.startswith(".staging")]
+    assert not [p for p in os.listdir(config.data_dir) if p.startswith(".staging")]
 
     # A successful forced rebuild (new seed-free content from a shifted stand-in) replaces it.
     monkeypatch.setattr(synthetic, "generate",

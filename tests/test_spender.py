@@ -20,7 +20,7 @@ from torch import nn
 
 import spender
 
-from astroclip_jax import tower_weights
+from astroclip_jax.models import tower_weights
 from astroclip_jax.models import spender as spender_model
 from converters import spender as converter
 from converters.common import ConversionError

@@ -21,7 +21,6 @@ file up to `HASH_LIMIT` bytes) and the options that change its content (`options
 """
 
 import dataclasses
-import hashlib
 import logging
 import os
 import time
@@ -33,6 +32,7 @@ from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
 from astroclip_jax import errors
+from astroclip_jax import files
 from astroclip_jax import wavelength_grids as grids
 from astroclip_jax.data import astroclip_desi, provabgs
 
@@ -48,8 +48,7 @@ def file_identity(path: str) -> dict:
     out = {"path": real, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
            "modified": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stat.st_mtime))}
     if stat.st_size <= HASH_LIMIT:
-        with open(real, "rb") as f:
-            out["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+        out["sha256"] = files.sha256_file(real)
     return out
 
 
@@ -338,19 +337,25 @@ class AstroclipDesi(_Builder):
         try:
             return os.fspath(dl_manager.download(astroclip_desi.URL))
         except Exception as err:  # network errors come in many types
-            raise errors.MissingInput(
+            raise errors.MissingInput(_one_line(
                 f"{astroclip_desi.FILENAME} is not in the manual dir and downloading "
-                f"{astroclip_desi.URL} failed ({err}).{self.MANUAL_DOWNLOAD_INSTRUCTIONS}") from err
+                f"{astroclip_desi.URL} failed ({err}). {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+            ) from err
 
     def _find_provabgs(self, dl_manager) -> str:
         if self._provabgs_path is not None:
             return os.fspath(self._provabgs_path)
         manual = _manual_file(dl_manager, provabgs.FILENAME)
         if manual is None:
-            raise errors.MissingInput(f"config 'provabgs' needs {provabgs.FILENAME}: pass "
-                                    f"provabgs_path or put it in the manual dir."
-                                    f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+            raise errors.MissingInput(_one_line(
+                f"config 'provabgs' needs {provabgs.FILENAME}: set data.provabgs_path or put it "
+                f"in the manual dir. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}"))
         return manual
+
+
+def _one_line(message: str) -> str:
+    """A message as one line (errors reach the user as `error: <one line>`)."""
+    return " ".join(message.split())
 
 
 def _manual_file(dl_manager, filename: str) -> str | None:

@@ -97,8 +97,9 @@ def prepare(data: DataSettings, *, force: bool = False):
         if not os.path.exists(final):
             _download_and_prepare(builder, data, builder)
         elif not rebuild:  # a swap killed half way was undone: that dataset is back
+            builder = make_builder(data)  # reads it from disk
             check_recipe(builder, data)
-            return make_builder(data)
+            return builder
         else:  # stage beside the final directory (same filesystem, so renames are atomic)
             staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=dataset_dir(builder))
             try:
@@ -185,6 +186,10 @@ def check_recipe(builder, data: DataSettings) -> None:
         label = _ROLES.get(role, role)
         if was is None:
             continue
+        downloads = os.path.realpath(_downloads(builder)) + os.sep
+        if now.get(role) is None and was["path"].startswith(downloads) and os.path.isfile(
+                was["path"]):
+            now[role] = was["path"]  # downloaded, not placed by hand: a build reads it again
         if now.get(role) is None:
             logging.warning("dataset %s: its %s %s is not in the configured place any more; "
                             "using the prepared dataset unchecked", name, label, was["path"])
@@ -199,7 +204,7 @@ def check_recipe(builder, data: DataSettings) -> None:
     if changes:
         raise SourceChanged(
             f"dataset {name} in {os.fspath(builder.data_dir)} was prepared from other inputs "
-            f"than the config gives now: {'; '.join(changes)}. Rebuild it with "
+            f"than the config gives now: {'; '.join(changes)}. Rebuild it with --mode=prepare "
             "--config.data.rebuild=True (the prepared dataset stays until the new one is "
             "complete), or point the config back at what it was made from")
 
@@ -212,7 +217,7 @@ def _identity_changes(was: dict, now: dict) -> list[str]:
         out.append(f"size {was['size']} -> {now['size']} bytes")
     if "sha256" in was and "sha256" in now:  # the content decides; a touched file is the same
         if was["sha256"] != now["sha256"]:
-            out.append(f"content sha256 {was['sha256'][:12]}... -> {now['sha256'][:12]}...")
+            out.append(f"content sha256 {was['sha256'][:12]} -> {now['sha256'][:12]}")
     elif was["mtime_ns"] != now["mtime_ns"]:
         out.append(f"modified {was['modified']} -> {now['modified']}")
     return out

@@ -28,7 +28,6 @@ so a checkpoint written on N GPUs opens on one CPU (`evaluation/restore.py` buil
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -47,7 +46,6 @@ CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints.damaged"
 CHECKSUMS_FILE = "checksums.json"
 _METRIC = "val_loss"
-_HASH_CHUNK = 1 << 20
 
 
 def _rank(metrics: dict[str, Any]) -> float:
@@ -70,14 +68,6 @@ def _options(keep: int) -> ocp.CheckpointManagerOptions:
 
 # ------------------------------------------------------------------------------- integrity
 
-def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _files_of(step_dir: str) -> list[str]:
     found = []
     for folder, _, names in os.walk(step_dir):
@@ -91,7 +81,7 @@ def _files_of(step_dir: str) -> list[str]:
 def seal(step_dir: str) -> None:
     """Record the size and sha256 of every file of a finished step (atomically)."""
     table = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
-                   _file_digest(os.path.join(step_dir, rel))] for rel in _files_of(step_dir)}
+                   files.sha256_file(os.path.join(step_dir, rel))] for rel in _files_of(step_dir)}
     with files.atomic_path(os.path.join(step_dir, CHECKSUMS_FILE)) as tmp, open(tmp, "w") as f:
         json.dump(table, f, indent=0, sort_keys=True)
 
@@ -113,7 +103,7 @@ def damage(step_dir: str) -> str | None:
             return f"{rel} is missing"
         if os.path.getsize(path) != size:
             return f"{rel} has {os.path.getsize(path)} bytes, {size} were written"
-        if _file_digest(path) != digest:
+        if files.sha256_file(path) != digest:
             return f"{rel} does not match its checksum (corrupted)"
     return None
 

@@ -101,6 +101,9 @@ def make_mesh(settings: settings_lib.RunSettings) -> jax.sharding.Mesh:
 def prepare_data(data: settings_lib.DataSettings) -> None:
     """Prepare the dataset once (the first process), the others wait for it."""
     banner("data")
+    if data.rebuild:
+        raise ConfigError("config field data.rebuild applies to --mode=prepare: rebuild the "
+                          "dataset there first, then train")
     if is_main_process():
         prepare_lib.prepare(data)  # no-op when prepared
     if jax.process_count() > 1:
