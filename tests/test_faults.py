@@ -12,12 +12,14 @@ import shutil
 import subprocess
 import time
 
+import h5py
 import jax
 import numpy as np
 import pytest
 
 import cli_runs
-from astroclip_jax.errors import TrainingDiverged
+from astroclip_jax import settings
+from astroclip_jax.errors import ConfigError, DataError, TrainingDiverged
 from astroclip_jax.evaluation import embed
 from astroclip_jax.training import checkpoint, contrastive, steps
 from configs import spender
@@ -239,17 +241,27 @@ def test_unknown_search_targetids_in_one_line(smoke_run, tmp_path):
     assert not os.path.exists(os.path.join(workdir, "search"))
 
 
-@pytest.mark.parametrize("override, field", [("--config.seed=1", "seed"),
-                                             ("--config.train.learning_rate=0.001",
-                                              "train.learning_rate"),
-                                             ("--config.model.spectrum_head.out=16",
-                                              "model.spectrum_head.out")])
-def test_resume_refuses_a_change_that_makes_another_run(smoke_run, tmp_path, override, field):
+def test_resume_refuses_a_change_that_makes_another_run(smoke_run, tmp_path):
     workdir = _copy(smoke_run, tmp_path)
     before = open(os.path.join(workdir, "config.json")).read()
-    _fails_in_one_line(_cli("train", workdir, override, "--config.train.epochs=2"),
-                       f"config field {field} is", "cannot change on resume")
+    _fails_in_one_line(_cli("train", workdir, "--config.seed=1", "--config.train.epochs=2"),
+                       "config field seed is 1", "started with 0", "cannot change on resume")
     assert open(os.path.join(workdir, "config.json")).read() == before
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda c: setattr(c.train, "learning_rate", 1e-3), "train.learning_rate"),
+    (lambda c: setattr(c.model.spectrum_head, "out", 16), "model.spectrum_head.out"),
+    (lambda c: setattr(c.data, "builder_config", "small"), "data.builder_config"),
+    (lambda c: setattr(c.augment, "rotation", False), "augment.rotation"),
+    (lambda c: setattr(c.train, "batch_size", 64), "train.batch_size"),
+])
+def test_fields_that_define_the_run_cannot_change(change, field):
+    saved = settings.config_json(spender.get_config("smoke"))
+    config = spender.get_config("smoke")
+    change(config)
+    with pytest.raises(ConfigError, match=rf"config field {field} is .* cannot change"):
+        settings.changes_on_resume(saved, settings.config_json(config))
 
 
 def test_resume_records_allowed_changes_and_config_json_tells_the_truth(smoke_run, tmp_path):
@@ -266,22 +278,43 @@ def test_resume_records_allowed_changes_and_config_json_tells_the_truth(smoke_ru
 
 # ------------------------------------------------------------------------------- embeddings
 
-@pytest.mark.parametrize("kind", ["truncated", "garbage", "bit_flip"])
-def test_a_damaged_embeddings_file_is_named_set_aside_and_recomputed(smoke_run, tmp_path, kind):
-    workdir = _copy(smoke_run, tmp_path)
-    cli_runs.run("embed", workdir)
-    path = os.path.join(workdir, "embeddings", "test.h5")
-    good = embed.read_embeddings(path)[0]["image_embedding"]
+def _damage_file(path, kind):
     data = bytearray(open(path, "rb").read())
     if kind == "truncated":
         data = data[:len(data) // 2]
     elif kind == "garbage":
         data = bytearray(b"garbage" * 100)
-    else:  # one bit of the largest column's bytes
-        data[int(np.argmax(np.frombuffer(bytes(data), np.uint8) != 0)) + len(data) // 2] ^= 1
+    else:  # one bit in the middle of the largest column
+        with h5py.File(path, "r") as f:
+            offset = f["image_features"].id.get_offset()
+            size = f["image_features"].id.get_storage_size()
+        data[offset + size // 2] ^= 0x01
     open(path, "wb").write(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def embedded(smoke_run, tmp_path_factory):
+    workdir = _copy(smoke_run, tmp_path_factory.mktemp("embedded"))
+    cli_runs.run("embed", workdir)
+    return workdir
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "bit_flip"])
+def test_a_damaged_embeddings_file_is_detected_and_named(embedded, tmp_path, kind):
+    path = str(tmp_path / "test.h5")
+    shutil.copy(os.path.join(embedded, "embeddings", "test.h5"), path)
+    embed.read_embeddings(path)  # intact: reads
+    _damage_file(path, kind)
+    with pytest.raises(DataError, match=f"embeddings file {path} "):
+        embed.read_embeddings(path)
+
+
+def test_a_damaged_embeddings_file_is_set_aside_and_recomputed(embedded, tmp_path):
+    workdir = _copy(embedded, tmp_path)
+    path = os.path.join(workdir, "embeddings", "test.h5")
+    good = embed.read_embeddings(path)[0]["image_embedding"]
+    _damage_file(path, "truncated")
     proc = cli_runs.run("embed", workdir)
     assert f"embeddings file {path} " in proc.stdout and "set it aside" in proc.stdout
-    aside = [p for p in os.listdir(os.path.dirname(path)) if ".damaged-" in p]
-    assert len(aside) == 1
+    assert len([p for p in os.listdir(os.path.dirname(path)) if ".damaged-" in p]) == 1
     np.testing.assert_array_equal(embed.read_embeddings(path)[0]["image_embedding"], good)
