@@ -1,1 +1,1 @@
-"""Flax modules: the frozen image and spectrum towers and the trainable heads."""
+"""Flax modules and the model: the frozen towers, the trainable heads, the AstroCLIP model, the trainable/frozen partition, the tower-weight format."""

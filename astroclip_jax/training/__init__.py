@@ -1,0 +1,1 @@
+"""Training: the loop every trainer shares, the contrastive trainer and its steps, losses, augmentations, optimiser, feature store, checkpoints, metrics, sharding."""
