@@ -59,6 +59,7 @@ def run(config, workdir: str) -> Any:
     """Train (or resume training) in `workdir`; the final TrainState."""
     settings = settings_lib.resolve(config)  # checked before any work starts
     with loop.work_directory(os.path.abspath(workdir), settings) as workdir:
+        loop.check_resume(workdir, settings_lib.config_json(config))
         return _train(config, settings, workdir)
 
 

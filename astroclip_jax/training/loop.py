@@ -135,6 +135,17 @@ def work_directory(workdir: str, settings: settings_lib.RunSettings,
         yield workdir
 
 
+def check_resume(workdir: str, config_json: dict[str, Any]) -> None:
+    """Before any expensive work: refuse to resume a run under a config that would make it
+    another run (`settings.changes_on_resume` names the field and both values)."""
+    if not os.path.isdir(os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR)):
+        return
+    ckpt = checkpoint_lib.Checkpointer(workdir, read_only=True)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        settings_lib.changes_on_resume(ckpt.restore_meta(latest)["config"], config_json)
+
+
 def check_batch_fits(train: settings_lib.TrainSettings, num_records: int) -> None:
     """A global batch must fit in the training split (before any expensive work)."""
     if train.batch_size > num_records:
