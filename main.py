@@ -46,8 +46,19 @@ def parse_flags(argv):
         raise SystemExit(f"error: {e}") from None
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config overrides
         message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
-        raise SystemExit(f"error: a --config override is not a config field or has the wrong "
-                         f"type: {message}") from None
+        flag = _override_named_in(message, argv)
+        if flag.endswith("." + message):  # ml_collections said only the missing name
+            message = "no such field"
+        raise SystemExit(f"error: {flag}: not a config field or not of its type ({message})") \
+            from None
+
+
+def _override_named_in(message: str, argv) -> str:
+    """The `--config.a.b` flag an override error is about (ml_collections names only `b`)."""
+    overrides = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
+    key = message.split("'")[1] if message.count("'") >= 2 else message.split()[0]
+    named = [flag for flag in overrides if key in flag.split(".")[1:]]
+    return named[0] if named else "a --config override"
 
 
 def main(argv):
