@@ -8,6 +8,10 @@ one. A field the config lacks is an error that names it (`config field data.grid
 and values are converted to the declared type (JSON turns tuples into lists, so a config read
 back from a checkpoint resolves to the same settings as the one that wrote it).
 
+Every value is checked here too (sizes > 0, ranges, choices), so a mode stops with one line
+naming the field before any work; `changes_on_resume` says which fields may differ when a run
+is resumed.
+
 Derived values are computed here, once, instead of by each reader:
   model.image_size       the side of the images the towers see (augment.crop, else data.image_crop)
   model.spectrum_length  pixels of the configured wavelength grid
