@@ -43,7 +43,7 @@ def parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {_without_traceback(str(e))}") from None
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config overrides
         message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
         flag = _override_named_in(message, argv)
@@ -51,6 +51,25 @@ def parse_flags(argv):
             message = "no such field"
         raise SystemExit(f"error: {flag}: not a config field or not of its type ({message})") \
             from None
+
+
+def _without_traceback(message: str) -> str:
+    """ml_collections puts the config file's traceback into its flag error: keep the first
+    line and the exception's own line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        return f"{lines[0]} {lines[-1]}"
+    return " ".join(lines)
+
+
+def _loaded_config():
+    """The config; a config file that failed to load is reported only when first read."""
+    try:
+        config = flags.FLAGS.config
+        config.keys()
+    except OSError as e:
+        raise SystemExit(f"error: {_without_traceback(str(e))}") from None
+    return config
 
 
 def _override_named_in(message: str, argv) -> str:
@@ -63,14 +82,14 @@ def _override_named_in(message: str, argv) -> str:
 
 def main(argv):
     del argv
-    mode, workdir = flags.FLAGS.mode, flags.FLAGS.workdir
+    mode, workdir, config = flags.FLAGS.mode, flags.FLAGS.workdir, _loaded_config()
     try:
-        settings_lib.resolve(flags.FLAGS.config)  # every setting checked before any work
-        if mode in WRITERS and not processes.wants_distributed(flags.FLAGS.config.multihost):
+        settings_lib.resolve(config)  # every setting checked before any work
+        if mode in WRITERS and not processes.wants_distributed(config.multihost):
             with locks.DirectoryLock(workdir, WRITERS[mode]):
-                importlib.import_module(MODES[mode]).run(flags.FLAGS.config, workdir)
+                importlib.import_module(MODES[mode]).run(config, workdir)
         else:
-            importlib.import_module(MODES[mode]).run(flags.FLAGS.config, workdir)
+            importlib.import_module(MODES[mode]).run(config, workdir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 import h5py
@@ -318,3 +319,15 @@ def test_a_damaged_embeddings_file_is_set_aside_and_recomputed(embedded, tmp_pat
     assert f"embeddings file {path} " in proc.stdout and "set it aside" in proc.stdout
     assert len([p for p in os.listdir(os.path.dirname(path)) if ".damaged-" in p]) == 1
     np.testing.assert_array_equal(embed.read_embeddings(path)[0]["image_embedding"], good)
+
+
+@pytest.mark.parametrize("config, needle", [
+    ("configs/nope.py", "No such file or directory: 'configs/nope.py'"),
+    ("configs/spender.py:bogus", "unknown config variant 'bogus'"),
+])
+def test_a_bad_config_file_or_variant_in_one_line(tmp_path, config, needle):
+    proc = subprocess.run([sys.executable, "main.py", f"--config={config}",
+                           "--mode=train", f"--workdir={tmp_path / 'run'}"], cwd=cli_runs.ROOT,
+                          env=cli_runs.env(), capture_output=True, text=True, timeout=300)
+    _fails_in_one_line(proc, needle)
+    assert not (tmp_path / "run").exists()
