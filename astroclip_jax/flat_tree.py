@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
+
 SEP = "/"
 
 
@@ -34,3 +36,13 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return tree
+
+
+def update_digest(digest, tree: Mapping[str, Any]) -> None:
+    """Feed a nested dict of arrays into a hashlib `digest`: every leaf's name, dtype, shape
+    and bytes, in name order (the one content hash of the feature cache's fingerprint, the
+    embeddings key and the embeddings file's checksum)."""
+    for name, leaf in sorted(flatten(tree).items()):
+        value = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
+        digest.update(value.tobytes())

@@ -44,7 +44,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from astroclip_jax import files
+from astroclip_jax import files, flat_tree
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.data import pipeline, preprocess
 from astroclip_jax.errors import DataError
@@ -70,10 +70,7 @@ def embeddings_path(workdir, split):
 def _content_digest(arrays) -> str:
     """sha256 over every column's name, dtype, shape and bytes (what `read_embeddings` checks)."""
     digest = hashlib.sha256()
-    for name in sorted(arrays):
-        value = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
-        digest.update(value.tobytes())
+    flat_tree.update_digest(digest, arrays)
     return digest.hexdigest()
 
 
@@ -132,10 +129,7 @@ def embeddings_key(params, data: DataSettings, split: str) -> str:
     preprocessing (`DataSettings.preprocessing_key`), and this file format."""
     digest = hashlib.sha256(json.dumps({"data": data.preprocessing_key(), "split": split,
                                         "format": FORMAT_VERSION}, sort_keys=True).encode())
-    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params),
-                             key=lambda pl: jax.tree_util.keystr(pl[0])):
-        digest.update(jax.tree_util.keystr(path).encode())
-        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    flat_tree.update_digest(digest, params)
     return digest.hexdigest()[:20]
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import tqdm
 from flax import struct
 
-from astroclip_jax import files, locks
+from astroclip_jax import files, flat_tree, locks
 from astroclip_jax.models.astroclip import AstroCLIP
 from astroclip_jax.training import cached_views
 from astroclip_jax.training.cached_views import ViewSpec
@@ -89,14 +89,6 @@ def sample_cached_features(key: jax.Array, cache: FeatureCache, indices) -> tupl
 # ---------------------------------------------------------------- fingerprint
 
 
-def _hash_tree(digest, tree: Any) -> None:
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    for path, leaf in sorted(leaves, key=lambda pl: jax.tree_util.keystr(pl[0])):
-        arr = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{jax.tree_util.keystr(path)}:{arr.dtype}:{arr.shape};".encode())
-        digest.update(arr.tobytes())
-
-
 def _sample_rows(n: int, k: int = 64) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(n, k)).astype(np.int64))
 
@@ -106,12 +98,13 @@ def fingerprint(tower_params: Any, records: Records, views: ViewSpec,
     """sha256 of the tower weights, the data (size and 64 evenly spaced rows), the views."""
     digest = hashlib.sha256(f"feature_cache v{FORMAT_VERSION};;".encode())
     digest.update(json.dumps(dataclasses.asdict(views), sort_keys=True).encode())
-    _hash_tree(digest, tower_params)
+    flat_tree.update_digest(digest, tower_params)
     sample = records.batch(_sample_rows(len(records)))
     digest.update(f"n={len(records)};".encode())
-    _hash_tree(digest, {k: sample[k] for k in _FIELDS})
+    flat_tree.update_digest(digest, {k: sample[k] for k in _FIELDS})
     if views.spectrum_noise_scale > 0:
-        _hash_tree(digest, {"pixel_std": pixel_std, "spectrum_scale": sample["spectrum_scale"]})
+        flat_tree.update_digest(digest, {"pixel_std": pixel_std,
+                                         "spectrum_scale": sample["spectrum_scale"]})
     return digest.hexdigest()
 
 
