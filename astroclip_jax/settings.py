@@ -25,7 +25,7 @@ import types
 import typing
 from typing import Any, Mapping
 
-from astroclip_jax import wavelength_grids
+from astroclip_jax import flat_tree, wavelength_grids
 from astroclip_jax.errors import ConfigError
 
 
@@ -321,20 +321,17 @@ CHANGEABLE_ON_RESUME = ("train.epochs", "train.log_every_steps", "train.keep_che
                         "multihost")
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, Mapping):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
+def _dotted(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """{"train.epochs": 80, ...}: config field names as the command line writes them."""
+    return {name.replace(flat_tree.SEP, "."): value
+            for name, value in flat_tree.flatten(tree).items()}
 
 
 def changes_on_resume(saved: Mapping[str, Any], current: Mapping[str, Any]
                       ) -> dict[str, tuple[Any, Any]]:
     """{field: (saved value, new value)} of the allowed changes between two config JSONs;
     raises ConfigError naming the first field that may not change (with both values)."""
-    old, new = _flat(saved), _flat(current)
+    old, new = _dotted(saved), _dotted(current)
     changes = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k)}
     for name, (was, now) in changes.items():

@@ -188,14 +188,14 @@ def _truncate_metrics(workdir: str, epoch: int) -> None:
 
 
 def _mean_metrics(per_step: list[Metrics]) -> dict[str, float]:
-    stacked = jax.device_get(per_step)
-    return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+    """Per-key means of an epoch's step metrics (already on the host)."""
+    return {k: float(np.mean([m[k] for m in per_step])) for k in per_step[0]}
 
 
 def _advance(bar, metrics, done: int, epoch: int, t_epoch: float, batch_size: int,
              log_every: int, last_good: int | None) -> None:
     """Wait for a step's metrics, stop on a non-finite loss or gradient, then tick the bar
-    (and show loss and pairs/s now and then)."""
+    (and show loss and pairs/s now and then); the metrics, on the host."""
     metrics = jax.device_get(metrics)
     _check_finite(metrics, bar.n + 1, last_good)
     bar.update(1)
@@ -203,6 +203,7 @@ def _advance(bar, metrics, done: int, epoch: int, t_epoch: float, batch_size: in
         pairs_per_s = done * batch_size / (time.time() - t_epoch)
         bar.set_postfix(epoch=epoch + 1, loss=f"{float(metrics['loss']):.4f}",
                         pairs_s=f"{pairs_per_s:.0f}")
+    return metrics
 
 
 def run(trainer: Trainer, train: settings_lib.TrainSettings, workdir: str,
@@ -261,10 +262,11 @@ def _run(trainer, train, workdir, config_json, ckpt, spe, total_steps):
                 # Count a step once it has run (not when dispatched), keeping one step in
                 # flight so the host prepares the next batch while the devices compute.
                 if i > 0:
-                    _advance(bar, per_step[-2], i, epoch, t_epoch, train.batch_size,
-                             train.log_every_steps, ckpt.latest_step())
-            _advance(bar, per_step[-1], spe, epoch, t_epoch, train.batch_size,
-                     train.log_every_steps, ckpt.latest_step())
+                    per_step[-2] = _advance(bar, per_step[-2], i, epoch, t_epoch,
+                                            train.batch_size, train.log_every_steps,
+                                            ckpt.latest_step())
+            per_step[-1] = _advance(bar, per_step[-1], spe, epoch, t_epoch, train.batch_size,
+                                    train.log_every_steps, ckpt.latest_step())
             train_metrics = _mean_metrics(per_step)
             epoch_s = time.time() - t_epoch
             val = trainer.validate(state)
