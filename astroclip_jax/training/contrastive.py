@@ -157,8 +157,8 @@ def _cached_path(settings, workdir, model, tx, frozen, mesh, train_records, rng,
         model, frozen, train_records, views, cache_settings.dir or workdir,
         cache_settings.batch_size, _pixel_std(settings), log=logging.info)
 
-    def indices(step: int) -> np.ndarray:
-        return pipeline.step_indices(cache.n, settings.seed, step, train.batch_size)[rows]
+    def global_indices(step: int) -> np.ndarray:
+        return pipeline.step_indices(cache.n, settings.seed, step, train.batch_size)
 
     if cache_settings.on_device:
         arrays = jax.device_put(FeatureCache(image=np.asarray(cache.image),
@@ -171,7 +171,8 @@ def _cached_path(settings, workdir, model, tx, frozen, mesh, train_records, rng,
                                                                       mesh)["index"])
 
         def batches(start_step: int):
-            return loop.no_cleanup(indices(step) for step in itertools.count(start_step))
+            return loop.no_cleanup(global_indices(step)[rows]
+                                   for step in itertools.count(start_step))
     else:
         features = jax.jit(steps.make_features_train_step(model, tx))
         host_rng = np.asarray(jax.device_get(rng))
@@ -182,8 +183,8 @@ def _cached_path(settings, workdir, model, tx, frozen, mesh, train_records, rng,
         def batches(start_step: int):
             def gather(step):  # the rows the device path would gather, with the same key
                 key = steps.step_key(host_rng, step, steps.CACHED_VIEW_STREAM)
-                rows_ = pipeline.step_indices(cache.n, settings.seed, step, train.batch_size)
-                img, spectrum = feature_store.sample_cached_features(key, cache, rows_)
+                img, spectrum = feature_store.sample_cached_features(key, cache,
+                                                                     global_indices(step))
                 return {"image_features": img[rows], "spectrum_features": spectrum[rows]}
             return loop.no_cleanup(gather(step) for step in itertools.count(start_step))
 

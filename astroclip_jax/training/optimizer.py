@@ -47,7 +47,7 @@ def learning_rate(state: TrainState) -> jax.Array:
 
 def set_learning_rate(state: TrainState, lr: float) -> TrainState:
     """The state with a new learning rate, on the same devices/sharding as the old one."""
-    old = state.opt_state.hyperparams["learning_rate"]
+    old = learning_rate(state)
     new = jax.device_put(np.asarray(lr, old.dtype), old.sharding)
     hyper = {**state.opt_state.hyperparams, "learning_rate": new}
     return state.replace(opt_state=state.opt_state._replace(hyperparams=hyper))
