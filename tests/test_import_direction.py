@@ -1,7 +1,7 @@
 """The packages follow the one-way flow: no module imports from a later stage.
 
     top level (settings, files, flat_tree, wavelength_grids)
-      -> data/ -> models/ -> training/ -> evaluation/
+      -> data/ -> models/ -> training/ -> evaluation/ -> serving/
 
 Every `import` and `from ... import` in the package is read with `ast` (those inside functions
 too: a lazy import is still a dependency). The core package also never imports torch or
@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = "astroclip_jax"
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE)
-STAGES = {"": 0, "data": 1, "models": 2, "training": 3, "evaluation": 4}
+STAGES = {"": 0, "data": 1, "models": 2, "training": 3, "evaluation": 4, "serving": 5}
 FORBIDDEN = ("torch", "torchvision", "tensorflow", "spender")
 
 
