@@ -22,15 +22,19 @@ from astroclip_jax.errors import UserError
 MODES = {
     "prepare": "astroclip_jax.data.prepare",
     "train": "astroclip_jax.training.contrastive",
+    "pretrain_spender": "astroclip_jax.training.spender_pretrain",
     "embed": "astroclip_jax.evaluation.embed",
     "eval_knn": "astroclip_jax.evaluation.knn",
     "search": "astroclip_jax.evaluation.search",
     "cluster": "astroclip_jax.evaluation.cluster",
+    "probe": "astroclip_jax.evaluation.probe",
+    "export": "astroclip_jax.evaluation.export",
+    "serve": "astroclip_jax.serving.app",
 }
 
 # Modes that write the work directory take its lock before importing anything heavy, so a
 # second writer stops within a second; the mode itself holds the same (re-entrant) lock.
-WRITERS = {"train": "training"}
+WRITERS = {"pretrain_spender": "spender pretraining", "train": "training"}
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
 flags.DEFINE_enum("mode", "train", list(MODES), "What to do.")

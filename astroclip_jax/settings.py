@@ -149,6 +149,83 @@ class EvalSettings:
     kmeans_k_min: int
     kmeans_k_max: int
     overwrite: bool
+    embed_chunk_rows: int
+    embed_inputs: bool
+    survey_file: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSettings:
+    """`--mode=probe` (evaluation/probe.py): what is predicted from what, and how."""
+
+    regression_targets: tuple[str, ...]  # columns of the embeddings file
+    classification_targets: tuple[str, ...]  # integer class columns (synthetic: artefact)
+    photometry_columns: tuple[str, ...]  # the photometry baseline's inputs (g, r, z magnitudes)
+    fractions: tuple[float, ...]  # of the labelled fit rows (few-shot curves)
+    seeds: tuple[int, ...]
+    feature_sets: tuple[str, ...]  # what is probed (evaluation/probe.py FEATURE_SETS)
+    curve_features: tuple[str, ...]  # feature sets probed at every fraction; others at 100 %
+    knn_v2_neighbors: int  # AstroCLIP v2: 64, on standardised embeddings
+    ridge_alphas: tuple[float, ...]  # the grid the validation slice chooses from
+    val_fraction: float  # of the labelled rows, for early stopping and the ridge penalty
+    mlp_hidden: tuple[int, ...]
+    mlp_dropout: float
+    mlp_learning_rate: float
+    mlp_batch_size: int
+    mlp_max_epochs: int
+    mlp_patience: int
+    supervised: tuple[str, ...]  # supervised bounds to train: "image", "spectrum", "photometry"
+    supervised_image_size: str  # ResNet size ("test", "small", "resnet50")
+    supervised_spectrum_size: str  # Spender encoder size
+    supervised_epochs: int  # the image and spectrum networks
+    supervised_photometry_epochs: int  # the magnitudes' MLP (cheap; AstroCLIP v2: 50)
+    supervised_batch_size: int
+    supervised_learning_rate: float
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexSettings:
+    """The vector index over a run's embeddings (evaluation/index.py; config section `index`)."""
+
+    exact_max: int  # rows up to which the index is exact (IndexFlatIP); above: PQ + re-rank
+    pq_dims_per_code: int  # embedding dimensions per 4-bit PQ code of the approximate index
+    recall_target: float  # recall@10 vs exact search the re-rank depth is raised to reach
+    recall_queries: int  # seeded table rows used as queries to measure it
+    k_factor_max: int  # the deepest re-rank tried (candidates = k_factor * k)
+    train_rows: int  # rows the PQ codebooks are trained on
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """`--mode=serve` (serving/app.py): the similarity-search page and its JSON API."""
+
+    host: str  # 127.0.0.1: this machine only
+    port: int
+    k: int  # neighbours shown by default
+    max_k: int
+    max_upload_bytes: int
+    duplicate_arcsec: float  # neighbours this close on the sky (where RA/Dec exist) are dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class SpenderPretrainSettings:
+    """`--mode=pretrain_spender` (training/spender_pretrain.py): Spender's autoencoder recipe.
+    Batch, epochs, learning rate (the one-cycle peak), Adam eps and splits come from `train`."""
+
+    encoder_size: str  # models.spender.SIZES
+    decoder_size: str  # models.spender_autoencoder.DECODER_SIZES
+    activation: str  # "speculator" | "leaky_relu" (train_DESI.py's hub models)
+    z_max: float  # restframe grid from wave_obs[0] / (1 + z_max) to wave_obs[-1]
+    restframe_bins: int  # 0: the span over the observed pixel size (9780 on DESI)
+    init_from: str | None  # a spender tower directory with decoder/ to fine-tune
+    clip_norm: float  # global gradient norm clip (upstream 1.0)
+    schedule_per: str  # the one-cycle steps per "epoch" (upstream) or per "step" (short runs)
+    similarity: bool  # add similarity_amp x the restframe similarity loss
+    consistency: bool  # add consistency_amp x the consistency loss on redshifted copies
+    similarity_amp: float
+    consistency_amp: float
+    augment_z_max: float  # redshift augmentation: z_new ~ U(0, augment_z_max)
+    tower_dir: str | None  # where the trained tower directory goes (None: <workdir>/tower)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +238,12 @@ class RunSettings:
     feature_cache: FeatureCacheSettings
     train: TrainSettings
     eval: EvalSettings
+    # None when the config has no `probe` section: the config of a checkpoint written before it
+    # existed (only --mode=probe needs it, and reads it from the command line's config).
+    probe: ProbeSettings | None = None
+    index: IndexSettings | None = None  # None likewise (used by search and serve)
+    serve: ServeSettings | None = None
+    spender_pretrain: SpenderPretrainSettings | None = None  # None likewise
 
 
 # Fields computed from others (not read from the config).
@@ -244,6 +327,15 @@ def resolve(config: Mapping[str, Any]) -> RunSettings:
             FeatureCacheSettings, _get(config, "feature_cache", "config"), "feature_cache")),
         train=TrainSettings(**train_values),
         eval=EvalSettings(**_read(EvalSettings, _get(config, "eval", "config"), "eval")),
+        probe=(ProbeSettings(**_read(ProbeSettings, config["probe"], "probe"))
+               if "probe" in config else None),
+        index=(IndexSettings(**_read(IndexSettings, config["index"], "index"))
+               if "index" in config else None),
+        serve=(ServeSettings(**_read(ServeSettings, config["serve"], "serve"))
+               if "serve" in config else None),
+        spender_pretrain=(SpenderPretrainSettings(**_read(
+            SpenderPretrainSettings, config["spender_pretrain"], "spender_pretrain"))
+            if "spender_pretrain" in config else None),
     )
     _validate(settings)
     return settings
@@ -256,6 +348,7 @@ _POSITIVE = ("train.batch_size", "train.val_batch_size", "train.epochs", "train.
              "train.keep_checkpoints", "train.log_every_steps", "eval.batch_size",
              "eval.knn_neighbors", "eval.knn_holdout", "eval.search_k", "eval.search_queries",
              "eval.umap_neighbors", "eval.dbscan_eps", "eval.dbscan_min_samples",
+             "eval.embed_chunk_rows",
              "feature_cache.batch_size", "feature_cache.image_draws",
              "feature_cache.spectrum_draws", "model.logit_scale", "model.image_head.out",
              "model.spectrum_head.out")
@@ -299,6 +392,9 @@ def _validate(settings: RunSettings) -> None:
     if not 0 < settings.eval.knn_holdout_fraction < 1:
         raise ConfigError(f"config field eval.knn_holdout_fraction is "
                           f"{settings.eval.knn_holdout_fraction!r}; it must be in (0, 1)")
+    if settings.probe is not None:
+        _validate_probe(settings.probe)
+    _validate_index_and_serve(settings.index, settings.serve)
     which = settings.eval.checkpoint
     if which not in ("best", "latest") and not which.isdigit():
         raise ConfigError(f"config field eval.checkpoint is {which!r}; expected 'best', "
@@ -309,6 +405,48 @@ def _validate(settings: RunSettings) -> None:
                           "satisfy 2 <= k_min <= k_max")
 
 
+def _validate_probe(probe: ProbeSettings) -> None:
+    for name in ("knn_v2_neighbors", "mlp_learning_rate", "mlp_batch_size", "mlp_max_epochs",
+                 "mlp_patience", "supervised_epochs", "supervised_photometry_epochs",
+                 "supervised_batch_size",
+                 "supervised_learning_rate"):
+        if not getattr(probe, name) > 0:
+            raise ConfigError(f"config field probe.{name} is {getattr(probe, name)!r}; it must "
+                              "be > 0")
+    checks = {"fractions": all(0 < f <= 1 for f in probe.fractions) and probe.fractions,
+              "seeds": bool(probe.seeds), "ridge_alphas": all(a > 0 for a in probe.ridge_alphas)
+              and probe.ridge_alphas, "val_fraction": 0 < probe.val_fraction < 1,
+              "mlp_dropout": 0 <= probe.mlp_dropout < 1,
+              "supervised": set(probe.supervised) <= {"image", "spectrum", "photometry"}}
+    expected = {"fractions": "values in (0, 1]", "seeds": "at least one seed",
+                "ridge_alphas": "values > 0", "val_fraction": "a value in (0, 1)",
+                "mlp_dropout": "a value in [0, 1)",
+                "supervised": "a subset of ('image', 'spectrum', 'photometry')"}
+    for name, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"config field probe.{name} is {getattr(probe, name)!r}; expected "
+                              f"{expected[name]}")
+
+
+def _validate_index_and_serve(index: IndexSettings | None, serve: ServeSettings | None) -> None:
+    checks = {}
+    if index is not None:
+        checks.update({f"index.{name}": (getattr(index, name) > 0, "> 0") for name in
+                       ("exact_max", "pq_dims_per_code", "recall_queries", "k_factor_max",
+                        "train_rows")})
+        checks["index.recall_target"] = (0 < index.recall_target <= 1, "in (0, 1]")
+    if serve is not None:
+        checks["serve.port"] = (0 <= serve.port <= 65535, "in [0, 65535]")
+        checks["serve.k"] = (0 < serve.k <= serve.max_k, "in [1, serve.max_k]")
+        checks["serve.max_upload_bytes"] = (serve.max_upload_bytes > 0, "> 0")
+        checks["serve.duplicate_arcsec"] = (serve.duplicate_arcsec >= 0, ">= 0")
+        checks["serve.host"] = (bool(serve.host), "a host name or address")
+    for name, (ok, expected) in checks.items():
+        if not ok:
+            value = getattr(index if name.startswith("index.") else serve, name.split(".")[1])
+            raise ConfigError(f"config field {name} is {value!r}; it must be {expected}")
+
+
 # ------------------------------------------------------------------------------- resuming
 
 # What may differ between a run's saved config and the one it resumes with (dotted prefixes):
@@ -316,7 +454,8 @@ def _validate(settings: RunSettings) -> None:
 # equivalent train steps runs. Everything else (data, model, augmentation, batch size,
 # optimiser, seed) defines the run and must stay.
 CHANGEABLE_ON_RESUME = ("train.epochs", "train.log_every_steps", "train.keep_checkpoints",
-                        "train.val_batch_size", "eval.", "feature_cache.", "data.num_workers",
+                        "train.val_batch_size", "eval.", "probe.", "index.", "serve.",
+                        "feature_cache.", "data.num_workers",
                         "data.data_dir", "data.manual_dir", "data.provabgs_path", "data.rebuild",
                         "multihost")
 
@@ -335,12 +474,33 @@ def changes_on_resume(saved: Mapping[str, Any], current: Mapping[str, Any]
     changes = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k)}
     for name, (was, now) in changes.items():
+        if name not in old:  # a field newer than the run: it takes its value from now on
+            continue
         if not any(name == p or (p.endswith(".") and name.startswith(p))
                    for p in CHANGEABLE_ON_RESUME):
             raise ConfigError(f"config field {name} is {now!r} but the run in this work "
                               f"directory was started with {was!r}; it cannot change on resume "
                               "(use a new work directory)")
     return changes
+
+
+def with_missing_fields(stored: Mapping[str, Any], defaults: Mapping[str, Any]) -> Any:
+    """`stored` (a config a checkpoint or export holds) with every field it lacks taken from
+    `defaults`: a run written before a field existed still resolves, to the field's default
+    (which keeps the behaviour from before the field existed)."""
+    import ml_collections
+
+    merged = config_json(defaults)
+
+    def overlay(into: dict, values: Mapping[str, Any]) -> None:
+        for key, value in values.items():
+            if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+                overlay(into[key], value)
+            else:
+                into[key] = value
+
+    overlay(merged, config_json(stored))
+    return ml_collections.ConfigDict(merged)
 
 
 def config_json(config: Any) -> dict[str, Any]:

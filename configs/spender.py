@@ -3,7 +3,8 @@
 The default trains on the built-in synthetic dataset with the paper's hyperparameters
 (batch 512, Adam 5e-4, ReduceLROnPlateau 0.5 / 5 epochs, logit scale 15.5, heads
 2048 -> [2048] -> 128 and 256 -> [256, 256, 256] -> 128, 80 epochs), sized to finish in
-about ten minutes on a 2-core CPU: small random towers (no pretrained weights exist here), the
+about ten minutes on a 2-core CPU: small towers (the spectrum tower pretrained here with
+configs/spender_pretrain.py and shipped in the package, the image tower random), the
 synthetic `default` set (16,384 pairs; generated and prepared on first use, about 4 minutes),
 and the frozen-feature cache (the towers run once over the 8 exact rotations/flips of each
 training image, about 5 minutes; then 80 epochs of 25 steps train the heads at about 7,000
@@ -28,6 +29,13 @@ Training on a work directory that holds checkpoints resumes from the latest one.
 """
 
 import ml_collections
+
+
+def _shipped_tower(name: str) -> str:
+    """A tower directory shipped inside the package (astroclip_jax/models/resources/)."""
+    from importlib import resources
+
+    return str(resources.files("astroclip_jax.models").joinpath("resources", name))
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -127,7 +135,70 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     evaluation.overwrite = False  # replace earlier results of a mode
     evaluation.search_targetids = ()  # query galaxies for `search`; empty: seeded random ones
     evaluation.dbscan_scale = "raw"  # "raw": eps on UMAP coordinates as the paper; "density": scaled by sqrt(N)
+    # --mode=embed streams rows in chunks of embed_chunk_rows, one Parquet file each
+    # (evaluation/embed.py); embed_inputs adds the pooled model inputs (3.5 KB a galaxy) that
+    # eval_knn's PCA baseline reads; survey_file: an image-only or spectrum-only survey file
+    # or directory of files (data/survey_files.py) to embed instead of the dataset's split.
+    evaluation.embed_chunk_rows = 4096
+    evaluation.embed_inputs = True
+    evaluation.survey_file = ""
 
+    # ---------------------------------------------------------------- probes (--mode=probe)
+    # What the embeddings are worth: zero-shot kNN (paper: 16, AstroCLIP v2: 64 on standardised
+    # embeddings), ridge and MLP probes at few-shot fractions of the labelled fit rows, and
+    # supervised bounds trained end to end on the same rows (evaluation/probe.py).
+    c.probe = probe = ml_collections.ConfigDict()
+    # Embeddings-file columns; synthetic: the generator's truths (z_hp = redshift there).
+    probe.regression_targets = ("z_hp", "log_mstar", "log_ssfr", "bulge_fraction", "r_eff_kpc")
+    probe.classification_targets = ("artefact",)  # 0 none, 1 satellite trail, 2 bright star
+    probe.photometry_columns = ("mag_g", "mag_r", "mag_z")
+    probe.fractions = (0.01, 0.1, 1.0)
+    probe.seeds = (0, 1, 2)
+    # The run's embeddings, eval_knn's baselines (frozen tower features, untrained heads, PCA of
+    # the inputs) and the magnitudes; those in curve_features get the full few-shot curve, the
+    # others are probed at 100 % only.
+    probe.feature_sets = ("image", "frozen_image_features", "untrained_heads_image",
+                          "pca_image_inputs", "spectrum", "frozen_spectrum_features",
+                          "untrained_heads_spectrum", "pca_spectrum_inputs", "photometry")
+    probe.curve_features = ("image", "spectrum", "pca_image_inputs", "pca_spectrum_inputs",
+                            "photometry")
+    probe.knn_v2_neighbors = 64
+    probe.ridge_alphas = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+    probe.val_fraction = 0.2  # of the labelled rows (never the held-out ones)
+    probe.mlp_hidden = (64, 64)  # AstroCLIP v2's few-shot MLP
+    probe.mlp_dropout = 0.1
+    probe.mlp_learning_rate = 1e-3
+    probe.mlp_batch_size = 64
+    probe.mlp_max_epochs = 50
+    probe.mlp_patience = 5
+    probe.supervised = ("image", "spectrum", "photometry")  # () skips the supervised bounds
+    probe.supervised_image_size = "test"  # the ResNet, from scratch on the images (CPU-sized)
+    probe.supervised_spectrum_size = "test"  # the Spender encoder, from scratch on the spectra
+    probe.supervised_epochs = 15  # best epoch by validation loss (of the labelled rows)
+    probe.supervised_photometry_epochs = 50
+    probe.supervised_batch_size = 64
+    probe.supervised_learning_rate = 5e-4  # AstroCLIP v2's supervised baselines (Adam)
+
+    # ---------------------------------------------------------------- vector index (search, serve)
+    # Exact inner product (faiss IndexFlatIP) up to exact_max rows: about 45 ms a query per
+    # million 128-d vectors on 2 cores (benchmarks/search_index.py); above it 4-bit PQ fast scan
+    # re-ranked exactly, its depth raised until recall@10 vs exact reaches recall_target.
+    c.index = ml_collections.ConfigDict(dict(
+        exact_max=200_000, pq_dims_per_code=2, recall_target=0.95, recall_queries=1000,
+        k_factor_max=512, train_rows=65_536))
+
+    # ---------------------------------------------------------------- the search page (--mode=serve)
+    # 127.0.0.1: reachable from this machine only (use an SSH tunnel, or host="0.0.0.0" on a
+    # trusted network). duplicate_arcsec: neighbours this close to the query or to a better
+    # neighbour on the sky (where the catalogue has ra/dec) count as the same galaxy.
+    c.serve = ml_collections.ConfigDict(dict(
+        host="127.0.0.1", port=8000, k=8, max_k=100, max_upload_bytes=8 * 2 ** 20,
+        duplicate_arcsec=2.0))
+
+    if arg == "":
+        # The small spectrum tower pretrained here on the synthetic default training split
+        # (configs/spender_pretrain.py, command in its tower.json); the image tower stays random.
+        model.spectrum_tower.weights = _shipped_tower("spender_small_synthetic")
     if arg == "desi":
         data.name = "astroclip_desi"
         data.builder_config = "provabgs"  # all pairs, plus PROVABGS properties for evaluation
@@ -139,6 +210,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         model.spectrum_tower.size = "spender"
         model.spectrum_tower.weights = "weights/spender_desi"
         train.epochs = 80
+        # PROVABGS gives z and log M* here; Z_MW, t_age and sSFR need the `provabgs` package.
+        probe.regression_targets = ("z_hp", "log_mstar")
+        probe.classification_targets = ()
+        probe.photometry_columns = ()  # the magnitudes are not in the prepared dataset yet
+        probe.curve_features = ("image", "spectrum", "pca_image_inputs", "pca_spectrum_inputs")
+        probe.supervised = ("image", "spectrum")
     elif arg == "smoke":
         data.builder_config = "tiny"  # 256 pairs: 204 train, 52 test
         data.image_crop = 32
@@ -155,4 +232,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         train.log_every_steps = 1
         evaluation.batch_size = 32
         evaluation.knn_holdout = 20
+        probe.fractions = (0.25, 1.0)
+        probe.seeds = (0, 1)
+        probe.knn_v2_neighbors = 8
+        probe.mlp_max_epochs = 5
+        probe.supervised_image_size = "test"
+        probe.supervised_spectrum_size = "test"
+        probe.supervised_epochs = 2
+        probe.supervised_photometry_epochs = 2
+        probe.supervised_batch_size = 8
     return c

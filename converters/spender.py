@@ -9,9 +9,13 @@ INPUT (a path or http(s) URL) is one of:
 Legacy files naming the MLP `encoder.mlp.mlp.*`, and those whose first MLP layer still takes the
 redshift as a 257th input (dropped, as `spender.load_model` does), are accepted.
 
-Kept: the encoder weights, and `encoder.instrument.wave_obs` as extra `wave_obs`.
-Ignored on purpose: `decoder.*` (AstroCLIP uses only the encoder), `encoder.instrument.skyline_mask`
-and `encoder.instrument.lsf.weight` (used only by the decoder's transform and by data loading).
+Kept: the encoder weights, and `encoder.instrument.wave_obs` as extra `wave_obs`. A file with
+the decoder (`decoder.wave_rest` and `decoder.mlp.*`) also gets OUTPUT_DIR/decoder/, a tower
+directory of kind "spender_decoder" (`models.spender_autoencoder.load_autoencoder` restores the
+whole autoencoder from both, to fine-tune it or to reconstruct spectra): its activation is
+SpeculatorActivation when `decoder.mlp.1.beta` exists, else LeakyReLU (as `spender.load_model`
+decides), extras `wave_rest`, `lsf` (the LSF Conv1d weight, when the file has one) and
+`skyline_mask` (when present). AstroCLIP itself uses only the encoder.
 Sizes (filters, kernels, MLP widths, n_latent) are read from the shapes, each from every tensor
 that carries it (the conv weight, bias and PReLU of a block and the next block's inputs; a Linear's
 weight, bias, PReLU and the next Linear's inputs; n_latent also from the decoder's first Linear),
@@ -38,12 +42,14 @@ from astroclip_jax import errors
 from astroclip_jax import files
 from astroclip_jax.models import tower_weights
 from astroclip_jax.models import spender as spender_model
+from astroclip_jax.models import spender_autoencoder as autoencoder_model
 from converters import common
 from converters.common import ConversionError
 
 KIND = "spender"
 _N_CONV_BLOCKS = 3  # spender's SpectrumEncoder has exactly three conv blocks
 _EXTRA_BUFFERS = ("instrument.skyline_mask", "instrument.lsf.weight")
+_WAVE_REST = "decoder.wave_rest"
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -141,6 +147,54 @@ def expected_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return common.flat_shapes(abstract)
 
 
+def decoder_config(sd: Mapping[str, np.ndarray], dec: str, n_rest: int, name: str) -> dict[str, Any]:
+    """SpectrumDecoder kwargs from the decoder's Linear shapes (`dec`: its key prefix)."""
+    indices = sorted(int(m.group(1)) for key in sd
+                     if (m := re.fullmatch(re.escape(dec) + r"(\d+)\.weight", key))
+                     and np.ndim(sd[key]) == 2)
+    if not indices:
+        raise ConversionError(f"{name}: missing key {dec + '0.weight'!r} (the decoder's first Linear)")
+    widths = [int(sd[f"{dec}{i}.weight"].shape[0]) for i in range(0, indices[-1] + 1, 3)
+              if f"{dec}{i}.weight" in sd]
+    activation = "speculator" if f"{dec}1.beta" in sd else "leaky_relu"
+    return dict(n_rest=n_rest, hidden=widths[:-1], activation=activation)
+
+
+def decoder_mapping(config: Mapping[str, Any], dec: str) -> dict[str, tuple[str, Any]]:
+    """torch key -> (flat Flax name, transform) for a SpectrumDecoder of `config`."""
+    mapping = {}
+    n_layers = len(config["hidden"]) + 1
+    for j in range(n_layers):
+        mapping[f"{dec}{3 * j}.weight"] = (f"params/mlp_{3 * j}/kernel", common.linear_kernel)
+        mapping[f"{dec}{3 * j}.bias"] = (f"params/mlp_{3 * j}/bias", common.identity)
+        if config["activation"] == "speculator":
+            for p in ("beta", "gamma"):
+                mapping[f"{dec}{3 * j + 1}.{p}"] = (f"params/mlp_{3 * j + 1}/{p}", common.identity)
+    return mapping
+
+
+def _convert_decoder(sd: Mapping[str, np.ndarray], enc: str, n_latent: int, name: str
+                     ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(config, flat variables, extras) of the decoder in `sd` (which has `decoder.wave_rest`)."""
+    wave_rest = np.asarray(sd[_WAVE_REST])
+    if wave_rest.ndim != 1 or wave_rest.size < 2:
+        raise ConversionError(f"{name}: key {_WAVE_REST!r} has shape {wave_rest.shape}, "
+                              "expected (L_rest,)")
+    dec = "decoder.mlp.mlp." if any(k.startswith("decoder.mlp.mlp.") for k in sd) else "decoder.mlp."
+    config = decoder_config(sd, dec, int(wave_rest.size), name)
+    module = autoencoder_model.SpectrumDecoder(**config)
+    abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, n_latent), jnp.float32))
+    source = {k: v for k, v in sd.items() if k.startswith("decoder.") and k != _WAVE_REST}
+    flat = common.convert_strict(source, decoder_mapping(config, dec), [],
+                                 common.flat_shapes(abstract), name)
+    extras = {"wave_rest": wave_rest}
+    for key, extra in ((f"{enc}instrument.lsf.weight", "lsf"),
+                       (f"{enc}instrument.skyline_mask", "skyline_mask")):
+        if key in sd:
+            extras[extra] = np.asarray(sd[key]).reshape(-1)
+    return config, flat, extras
+
+
 def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False,
             trust_checkpoint: bool = False) -> str:
     """Converts a Spender checkpoint into a tower directory; returns its path.
@@ -170,8 +224,13 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False,
     mapping = build_mapping(config, enc, mlp, first_linear)
     ignore = [re.escape(enc + b) for b in (*_EXTRA_BUFFERS, "instrument.wave_obs")]
     if enc:
-        ignore.append(r"decoder\..*")
+        ignore.append(r"decoder\..*")  # converted on their own below
     flat = common.convert_strict(sd, mapping, ignore, expected_shapes(config), name)
+    has_decoder = bool(enc) and _WAVE_REST in sd
+    if bool(enc) and not has_decoder and any(k.startswith("decoder.") for k in sd):
+        raise ConversionError(f"{name}: decoder keys without {_WAVE_REST!r}: the decoder's "
+                              "restframe grid is missing")
+    decoder = _convert_decoder(sd, enc, config["n_latent"], name) if has_decoder else None
 
     extras = {}
     wave_key = f"{enc}instrument.wave_obs"
@@ -186,12 +245,24 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False,
         "format": fmt,
         "legacy_mlp_naming": legacy_mlp,
         "dropped_redshift_input": bool(dropped_z),
-        "ignored": sorted(k for k in sd if k not in mapping and k != wave_key),
+        "ignored": sorted(k for k in sd if k not in mapping and k != wave_key
+                          and not (decoder and k.startswith("decoder."))),
         "has_wave_obs": wave_key in sd,
+        "has_decoder": decoder is not None,
     }
     variables = tower_weights.unflatten(flat)
-    return tower_weights.save_tower(output_dir, KIND, config, variables, extras=extras,
-                                    source=source, overwrite=overwrite)
+    if decoder is None:
+        return tower_weights.save_tower(output_dir, KIND, config, variables, extras=extras,
+                                        source=source, overwrite=overwrite)
+    dec_config, dec_flat, dec_extras = decoder
+    # One atomic directory for both: a failure leaves neither half behind.
+    with files.atomic_directory(output_dir) as tmp:
+        tower_weights.save_tower(tmp, KIND, config, variables, extras=extras, source=source,
+                                 overwrite=True)
+        autoencoder_model.save_decoder(tmp, dec_config, tower_weights.unflatten(dec_flat),
+                                       dec_extras.pop("wave_rest"), dec_extras.pop("lsf", None),
+                                       source, extras=dec_extras)
+    return os.path.abspath(output_dir)
 
 
 def main(argv=None) -> None:

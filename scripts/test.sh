@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
+# chromium + chromedriver for tests/test_browser.py (which fails without them, unless
+# ASTROCLIP_SKIP_BROWSER=1): a machine without apt or root still runs the rest.
+bash scripts/install_browser.sh || echo "warning: no headless browser; tests/test_browser.py will fail" >&2
 exec .venv/bin/python -m pytest -q "$@"

@@ -19,9 +19,10 @@ DATA_DIR = os.path.join(tempfile.gettempdir(), "astroclip_jax_test_tfds")
 JAX_CACHE = os.path.join(tempfile.gettempdir(), "astroclip_jax_test_jax_cache")
 
 
-def command(mode: str, workdir: str, *overrides: str, config: str = "smoke") -> list[str]:
+def command(mode: str, workdir: str, *overrides: str, config: str = "smoke",
+            config_file: str = "configs/spender.py") -> list[str]:
     """`python main.py` on the test dataset; `overrides` are `--config.x=y` flags."""
-    return [sys.executable, "main.py", f"--config=configs/spender.py:{config}", f"--mode={mode}",
+    return [sys.executable, "main.py", f"--config={config_file}:{config}", f"--mode={mode}",
             f"--workdir={workdir}", f"--config.data.data_dir={DATA_DIR}", *overrides]
 
 
@@ -37,9 +38,10 @@ def env(devices: int = 1) -> dict[str, str]:
 
 
 def run(mode: str, workdir: str, *overrides: str, devices: int = 1,
-        timeout: int = 600) -> subprocess.CompletedProcess:
+        timeout: int = 600, config_file: str = "configs/spender.py") -> subprocess.CompletedProcess:
     """Run one mode to completion; fails the test (with the log's tail) unless it exits 0."""
-    proc = subprocess.run(command(mode, workdir, *overrides), cwd=ROOT, env=env(devices),
+    proc = subprocess.run(command(mode, workdir, *overrides, config_file=config_file), cwd=ROOT,
+                          env=env(devices),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

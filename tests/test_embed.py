@@ -1,4 +1,4 @@
-"""The embeddings file: pooling vs loops, HDF5 round trip, its key, reuse/stale logic, result
+"""The embeddings table: pooling vs loops, Parquet round trip (pandas, astropy), its key, reuse/stale logic, result
 guard; end to end, `--mode=embed` on a one-epoch smoke run equals the notebook Embedder on raw
 records, preprocessed as the run was."""
 
@@ -7,7 +7,6 @@ import json
 import os
 import types
 
-import h5py
 import jax
 import numpy as np
 import pytest
@@ -43,18 +42,28 @@ def _arrays(n=5, seed=0):
             "artefact": np.zeros(n, np.int8), "z_hp": np.full(n, np.nan, np.float32)}
 
 
-def test_hdf5_round_trip_keeps_dtypes(tmp_path):
-    path = str(tmp_path / "e" / "test.h5")
-    arrays = _arrays()
-    embed.write_embeddings(path, arrays, {"split": "test", "n": 5}, "key1")
+def test_table_round_trip_keeps_dtypes_and_is_read_by_pandas_and_astropy(tmp_path):
+    import pandas as pd
+    from astropy.table import Table
+
+    path = str(tmp_path / "e" / "test")
+    arrays = {**_arrays(), "image_inputs": np.arange(5 * 12, dtype=np.float16).reshape(5, 2, 2, 3)}
+    embed.write_embeddings(path, arrays, {"split": "test", "n": 5}, "key1", chunk_rows=2)
     got, meta, key = embed.read_embeddings(path)
     assert key == "key1" and meta == {"split": "test", "n": 5}
     for name, value in arrays.items():
         assert got[name].dtype == value.dtype, name
         np.testing.assert_array_equal(got[name], value)
-    assert os.listdir(tmp_path / "e") == ["test.h5"]  # no temporary left behind
-    with h5py.File(path, "r") as f:  # readable by plain h5py
-        assert f["targetid"][0] == 2 ** 40
+    chunks = [f"chunk-00000{i}.parquet" for i in range(3)]
+    assert sorted(os.listdir(path)) == sorted(chunks + ["_manifest.json"])  # no temporaries
+    assert [len(c["targetid"]) for c in embed.iter_embedding_chunks(path, ["targetid"])] == [2, 2, 1]
+    # Readable without this package: pandas reads the directory, astropy one chunk.
+    frame = pd.read_parquet(path)
+    np.testing.assert_array_equal(frame["targetid"], arrays["targetid"])
+    np.testing.assert_array_equal(np.stack(frame["image_embedding"]), arrays["image_embedding"])
+    table = Table.read(os.path.join(path, chunks[0]))
+    np.testing.assert_array_equal(table["image_embedding"], arrays["image_embedding"][:2])
+    assert table["targetid"][0] == 2 ** 40
 
 
 def _run_settings(**data):
@@ -97,12 +106,21 @@ def test_reuse_and_stale_file_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(embed.restore, "restore_trained_model", lambda workdir, which: (
         types.SimpleNamespace(settings=run, **trained)))
 
-    def fake_compute(trained_model, data, split, batch_size):
-        computed.append(data)
-        step = trained_model.step
-        return _arrays(seed=step), {"split": split, "n": 5, "checkpoint": {"step": step}}
+    last = {}
 
-    monkeypatch.setattr(embed, "compute_embeddings", fake_compute)
+    def fake_rows(settings, data, trained_model):  # what would be embedded
+        last["data"] = data
+        return embed.Rows(name="test", n=5, modalities=(), read=None, identity="test", meta={})
+
+    def fake_compute(trained_model, rows, directory, key, *args, **kwargs):
+        computed.append(last["data"])
+        step = trained_model.step
+        embed.write_embeddings(directory, _arrays(seed=step),
+                               {"split": "test", "n": 5, "checkpoint": {"step": step}}, key)
+        return embed.embedding_manifest(directory)
+
+    monkeypatch.setattr(embed, "rows_for", fake_rows)
+    monkeypatch.setattr(embed, "embed_to_directory", fake_compute)
     cli = _run_settings(data_dir="/data/tfds")
     a1, _, data = embed.load_or_compute_embeddings(cli, str(tmp_path))
     # The dataset the command line names, preprocessed as the run's model saw its data.
@@ -116,19 +134,20 @@ def test_reuse_and_stale_file_kept(tmp_path, monkeypatch):
                   _run_settings(data_dir="/data/tfds", image_transform="raw", image_crop=16)):
         embed.load_or_compute_embeddings(other, str(tmp_path))
     assert len(computed) == 1
-    path = tmp_path / "embeddings" / "test.h5"
+    path = tmp_path / "embeddings" / "test"
     old_key = embed.read_embeddings(str(path))[2]
-    assert old_key == embed.embeddings_key(_params(0.5), data, "test")
+    assert old_key == embed.embeddings_key(_params(0.5), data, "test", {"inputs": True})
 
     trained.update(step=12, params=_params(0.25))  # a new best checkpoint: recompute
     a3, meta, _ = embed.load_or_compute_embeddings(cli, str(tmp_path))
     assert len(computed) == 2 and meta["checkpoint"]["step"] == 12
-    assert embed.read_embeddings(str(path))[2] == embed.embeddings_key(_params(0.25), data, "test")
-    # The old file is kept under its step and the first 8 characters of its key.
+    assert embed.read_embeddings(str(path))[2] == embed.embeddings_key(
+        _params(0.25), data, "test", {"inputs": True})
+    # The old table is kept under its step and the first 8 characters of its key.
     assert sorted(os.listdir(tmp_path / "embeddings")) == sorted(
-        ["test.h5", f"test-step6-{old_key[:8]}.h5"])
+        ["test", f"test-step6-{old_key[:8]}"])
     old, old_meta, kept_key = embed.read_embeddings(
-        str(tmp_path / "embeddings" / f"test-step6-{old_key[:8]}.h5"))
+        str(tmp_path / "embeddings" / f"test-step6-{old_key[:8]}"))
     assert kept_key == old_key and old_meta["checkpoint"]["step"] == 6
     np.testing.assert_array_equal(old["image_embedding"], a1["image_embedding"])
     assert not np.array_equal(a3["image_embedding"], a1["image_embedding"])
@@ -165,6 +184,7 @@ def test_embed_mode_equals_notebook_embedder_with_the_runs_preprocessing(smoke_r
     cli_runs.run("embed", smoke_run, "--config.data.image_transform=raw",
                  "--config.data.spectrum_norm=none")
     arrays, meta, _ = embed.read_embeddings(embed.embeddings_path(smoke_run, "test"))
+    assert meta["inputs"] and meta["chunk_rows"] == 4096
     embedder = restore.load_embedder(smoke_run, "best")
     run_data = embedder.trained.settings.data
     assert (run_data.image_transform, run_data.spectrum_norm) == ("stein_rgb", "zscore")

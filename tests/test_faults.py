@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import h5py
 import jax
 import numpy as np
 import pytest
@@ -285,38 +284,37 @@ def _damage_file(path, kind):
         data = data[:len(data) // 2]
     elif kind == "garbage":
         data = bytearray(b"garbage" * 100)
-    else:  # one bit in the middle of the largest column
-        with h5py.File(path, "r") as f:
-            offset = f["image_features"].id.get_offset()
-            size = f["image_features"].id.get_storage_size()
-        data[offset + size // 2] ^= 0x01
+    else:  # one bit in the middle of the file (the column data)
+        data[len(data) // 2] ^= 0x01
     open(path, "wb").write(bytes(data))
 
 
 @pytest.fixture(scope="module")
 def embedded(smoke_run, tmp_path_factory):
     workdir = _copy(smoke_run, tmp_path_factory.mktemp("embedded"))
-    cli_runs.run("embed", workdir)
+    cli_runs.run("embed", workdir, "--config.eval.embed_chunk_rows=20")  # 3 chunks
     return workdir
 
 
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "bit_flip"])
-def test_a_damaged_embeddings_file_is_detected_and_named(embedded, tmp_path, kind):
-    path = str(tmp_path / "test.h5")
-    shutil.copy(os.path.join(embedded, "embeddings", "test.h5"), path)
+def test_a_damaged_embeddings_chunk_is_detected_and_named(embedded, tmp_path, kind):
+    path = str(tmp_path / "test")
+    shutil.copytree(os.path.join(embedded, "embeddings", "test"), path)
     embed.read_embeddings(path)  # intact: reads
-    _damage_file(path, kind)
-    with pytest.raises(DataError, match=f"embeddings file {path} "):
+    chunk = os.path.join(path, "chunk-000001.parquet")
+    _damage_file(chunk, kind)
+    with pytest.raises(DataError, match=f"embeddings file {chunk} "):
         embed.read_embeddings(path)
 
 
-def test_a_damaged_embeddings_file_is_set_aside_and_recomputed(embedded, tmp_path):
+def test_a_damaged_embeddings_table_is_set_aside_and_recomputed(embedded, tmp_path):
     workdir = _copy(embedded, tmp_path)
-    path = os.path.join(workdir, "embeddings", "test.h5")
+    path = os.path.join(workdir, "embeddings", "test")
     good = embed.read_embeddings(path)[0]["image_embedding"]
-    _damage_file(path, "truncated")
-    proc = cli_runs.run("embed", workdir)
-    assert f"embeddings file {path} " in proc.stdout and "set it aside" in proc.stdout
+    chunk = os.path.join(path, "chunk-000002.parquet")
+    _damage_file(chunk, "truncated")
+    proc = cli_runs.run("embed", workdir, "--config.eval.embed_chunk_rows=20")
+    assert f"embeddings file {chunk} " in proc.stdout and "set it aside" in proc.stdout
     assert len([p for p in os.listdir(os.path.dirname(path)) if ".damaged-" in p]) == 1
     np.testing.assert_array_equal(embed.read_embeddings(path)[0]["image_embedding"], good)
 

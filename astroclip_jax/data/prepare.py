@@ -29,7 +29,7 @@ import tempfile
 
 import tensorflow_datasets as tfds
 
-from astroclip_jax import errors, files, locks
+from astroclip_jax import errors, files, locks, processes
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.data import builders
 from astroclip_jax.settings import DataSettings
@@ -243,8 +243,19 @@ def _log_summary(builder) -> None:
 
 
 def run(config, workdir: str) -> None:
-    """`--mode=prepare`: prepare config.data and write <workdir>/prepare.json."""
-    builder = prepare(settings_lib.resolve(config).data)
+    """`--mode=prepare`: prepare config.data and write <workdir>/prepare.json.
+
+    Under several processes (`astroclip_jax.processes`) the first prepares and writes, the
+    others wait for it and then only read what it wrote: nothing is written twice."""
+    settings = settings_lib.resolve(config)
+    processes.initialize(settings.multihost)
+    import jax
+
+    first = jax.process_index() == 0
+    builder = prepare(settings.data) if first else None
+    processes.barrier("dataset prepared")
+    if not first:
+        return
     info = summary(builder)
     os.makedirs(workdir, exist_ok=True)
     with files.atomic_path(os.path.join(workdir, "prepare.json")) as tmp, open(tmp, "w") as f:

@@ -5,6 +5,7 @@
                                          the spectrum augmentation)
   vrikkis_wandb_export_{train,val}_loss  the reproduction paper's loss curves (wandb export),
                                          drawn beside ours in the training-curve figure
+  sky-lines.txt                          spender's night-sky line list (its skyline mask)
 """
 
 from __future__ import annotations
@@ -43,3 +44,35 @@ def pixel_std(grid: str) -> np.ndarray:
 def paper_curve_path(which: str) -> str:
     """Path of the paper's "train" or "val" loss curve (a CSV file inside the package)."""
     return str(_resource(PAPER_CURVES[which]))
+
+
+@functools.cache
+def _sky_lines() -> tuple[np.ndarray, np.ndarray]:
+    """(wavelength in A, intensity) of spender's sky-line list."""
+    with _resource("sky-lines.txt").open("r") as f:
+        rows = [line.split(None, 2) for line in f if line.strip() and not line.startswith("#")]
+    return (np.array([float(r[0]) * 10 for r in rows]),  # nm -> A
+            np.array([float(r[1]) for r in rows]))
+
+
+def skyline_mask(wave_obs: np.ndarray, min_intensity: float = 2.0, mask_size: float = 5.0
+                 ) -> np.ndarray:
+    """True at pixels of `wave_obs` near a bright sky line (`spender.instrument.get_skyline_mask`):
+    each line brighter than `min_intensity` masks |wave - line| < mask_size * (1 + log10(
+    intensity / min_intensity)) Angstrom."""
+    wave_obs = np.asarray(wave_obs, np.float64)
+    lines, intensity = _sky_lines()
+    keep = intensity > min_intensity
+    half = mask_size * (1 + np.log10(intensity[keep] / min_intensity))
+    mask = np.zeros(wave_obs.shape, bool)
+    for line, h in zip(lines[keep], half):
+        mask |= np.abs(wave_obs - line) < h
+    return mask
+
+
+def spectrum_weights(grid: str) -> np.ndarray:
+    """Inverse-variance weights (float32, one per pixel of `grid`) for data without their own:
+    1 / pixel_std(grid)^2 (what the synthetic spectra's noise is), zero on sky lines."""
+    w = 1.0 / np.square(pixel_std(grid))
+    w[skyline_mask(wavelength_grids.wave(grid))] = 0
+    return w.astype(np.float32)

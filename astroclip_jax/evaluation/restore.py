@@ -2,6 +2,7 @@
 
     from astroclip_jax.evaluation.restore import load_embedder
     emb = load_embedder("runs/desi")                 # best checkpoint; or which="latest"
+    emb = load_embedder("runs/desi/export")          # an exported folder (--mode=export)
     z_img = emb.embed_images(images)                 # (N, 152, 152, 3) g, r, z flux -> (N, 128)
     z_spec = emb.embed_spectra(spectra)              # (N, 7781) flux on the DESI grid -> (N, 128)
     similarity = z_img @ z_spec.T                    # cosine similarity (rows are unit vectors)
@@ -10,6 +11,9 @@
 run written on N GPUs opens on one CPU or GPU), resolves the run's own config, and rebuilds
 the frozen towers from the converted-weight directories it names (`model.*.weights`; relative
 paths resolve from the current directory) or, when the run used random towers, from its seed.
+An exported folder (`export.py`) holds the towers, the heads and the config itself:
+`load_export` opens it with nothing else present (no work directory, tower folders, dataset or
+Orbax), after checking every file against its checksum.
 The `Embedder` applies the run's own host preprocessing (`data.preprocess`) and the model's
 embedding methods, so its output equals the embed mode's file.
 """
@@ -17,6 +21,7 @@ embedding methods, so its output equals the embed mode's file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -24,12 +29,15 @@ import jax
 import ml_collections
 import numpy as np
 
+from astroclip_jax import files, flat_tree
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.data import preprocess
-from astroclip_jax.errors import DataError, MissingInput
+from astroclip_jax.errors import DamagedCheckpoint, DataError, MissingInput
 from astroclip_jax.models import astroclip, partition
 from astroclip_jax.training import checkpoint as checkpoint_lib
 
+EXPORT_FILE = "export.json"  # what marks an exported folder (export.py)
+CHECKSUMS_FILE = "checksums.json"
 _BUCKETS = (8, 32, 128, 256)  # rows per jitted call: few compiled shapes, bounded memory
 
 
@@ -57,6 +65,14 @@ def _workdir_and_which(path: str, which: str) -> tuple[str, str]:
     return path, which
 
 
+def _stored_config(stored: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A contrastive run's stored config, completed with configs/spender.py's defaults for the
+    fields added since it was written (so older checkpoints and exports keep restoring)."""
+    from configs import spender as spender_config
+
+    return settings_lib.with_missing_fields(stored, spender_config.get_config(""))
+
+
 def restore_trained_model(workdir_or_checkpoint: str, which: str = "best") -> TrainedModel:
     """The run in `workdir_or_checkpoint` (a work directory, its `checkpoints/` folder, or one
     `checkpoints/<step>` folder) at checkpoint `which`: "best", "latest" or a step number."""
@@ -75,13 +91,59 @@ def restore_trained_model(workdir_or_checkpoint: str, which: str = "best") -> Tr
         state, meta = ckpt.restore(step)
     finally:
         ckpt.close()
-    config = ml_collections.ConfigDict(meta["config"])
+    config = _stored_config(meta["config"])
     settings = settings_lib.resolve(config)
     model, initial = astroclip.build(settings.model, jax.random.PRNGKey(settings.seed))
     _, frozen = partition.partition(initial, settings.train.trainable)
     return TrainedModel(settings=settings, config=config, model=model,
                         params=partition.merge(state["params"], frozen), initial_params=initial,
                         step=int(step), checkpoint_dir=ckpt.directory)
+
+
+def is_export(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, EXPORT_FILE))
+
+
+def _verify_export(path: str) -> None:
+    """Every file the export lists matches its sha256 (DamagedCheckpoint names the first)."""
+    try:
+        with open(os.path.join(path, CHECKSUMS_FILE), encoding="utf-8") as f:
+            checksums = json.load(f)
+    except (OSError, ValueError) as err:
+        raise DamagedCheckpoint(f"exported model {path}: {CHECKSUMS_FILE} is missing or "
+                                f"damaged ({err})") from None
+    for rel, want in sorted(checksums.items()):
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full) or files.sha256_file(full) != want:
+            raise DamagedCheckpoint(f"exported model {path}: {rel} is missing or does not "
+                                    "match its checksum (copy the folder again)")
+
+
+def _load_heads(path: str) -> dict[str, Any]:
+    with np.load(path) as npz:
+        return flat_tree.unflatten({k: jax.numpy.asarray(npz[k]) for k in npz.files})
+
+
+def load_export(path: str) -> TrainedModel:
+    """The model of an exported folder (`--mode=export`), verified; needs nothing else."""
+    path = os.path.abspath(path)
+    if not is_export(path):
+        raise MissingInput(f"{path} is not an exported model ({EXPORT_FILE} is missing); make "
+                           "one with --mode=export")
+    _verify_export(path)
+    with open(os.path.join(path, EXPORT_FILE), encoding="utf-8") as f:
+        meta = json.load(f)
+    config = _stored_config(meta["config"])
+    for name in ("image_tower", "spectrum_tower"):  # stored relative to the folder
+        config.model[name].weights = os.path.join(path, config.model[name].weights)
+    settings = settings_lib.resolve(config)
+    model, built = astroclip.build(settings.model, jax.random.PRNGKey(settings.seed))
+    heads = _load_heads(os.path.join(path, "heads.npz"))
+    initial = _load_heads(os.path.join(path, "initial_heads.npz"))
+    towers = {k: built[k] for k in ("image_tower", "spectrum_tower")}
+    return TrainedModel(settings=settings, config=config, model=model,
+                        params={**towers, **heads}, initial_params={**towers, **initial},
+                        step=int(meta["step"]), checkpoint_dir=path)
 
 
 class Embedder:
@@ -148,7 +210,10 @@ class Embedder:
 def load_embedder(workdir_or_checkpoint: str, which: str = "best") -> Embedder:
     """Restore a run for notebook use: an `Embedder` on this machine's first device.
 
-    `workdir_or_checkpoint`: a work directory, its `checkpoints/` folder, or one
-    `checkpoints/<step>` folder; `which`: "best" (lowest validation loss), "latest" or a step.
+    `workdir_or_checkpoint`: an exported folder (`--mode=export`; `which` is ignored), a work
+    directory, its `checkpoints/` folder, or one `checkpoints/<step>` folder; `which`: "best"
+    (lowest validation loss), "latest" or a step.
     """
+    if is_export(workdir_or_checkpoint):
+        return Embedder(load_export(workdir_or_checkpoint))
     return Embedder(restore_trained_model(workdir_or_checkpoint, which))

@@ -48,6 +48,7 @@ class EvalInputs:
     meta: dict[str, Any]
     settings: settings_lib.EvalSettings
     examples: Callable[[np.ndarray], dict[str, Any]]
+    data: settings_lib.DataSettings | None = None  # the dataset as embedded (its records)
 
 
 @dataclasses.dataclass
@@ -112,7 +113,7 @@ def evaluation_directory(workdir: str, mode: str) -> Iterator[None]:
         yield
         return
     with locks.DirectoryLock(workdir, f"evaluation ({mode})", name="evaluation"):
-        for folder in (embed.EMBEDDINGS_DIR, "eval_knn", "search", "cluster"):
+        for folder in (embed.EMBEDDINGS_DIR, "eval_knn", "search", "cluster", "probe"):
             files.remove_leftovers(os.path.join(workdir, folder))
         yield
 
@@ -139,7 +140,8 @@ def _run(settings, workdir, mode, out, evaluate):
     arrays, meta, data = embed.load_or_compute_embeddings(settings, workdir)
     result = evaluate(EvalInputs(arrays=arrays, meta=meta, settings=settings.eval,
                                  examples=_examples_reader(data, meta["split"],
-                                                           meta["image_size"])))
+                                                           meta["image_size"]),
+                                 data=data))
     figures = [save_figure(fig, os.path.join(out, name)) for name, fig in result.figures.items()]
     report = {**result.report, "split": meta["split"], "checkpoint": meta.get("checkpoint"),
               "synthetic": meta.get("synthetic", False), "figures": figures}

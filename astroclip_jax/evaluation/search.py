@@ -14,11 +14,17 @@ Quantitative score, per direction: the median |delta z| between each of up to
 other galaxies per query; plus how often a galaxy's own counterpart in the other modality is
 the top-1 / in the top-k. Writes ``workdir/search/results.json`` and ``figure6.png``,
 ``figure7_<direction>.png``.
+
+The mode searches with the run's faiss index (`index.py`, built beside the embeddings on first
+use and memory-mapped after); `cosine_topk`, NumPy brute force, is the reference the tests
+compare it with, and what `report` uses when it is given no index.
 """
 
 import numpy as np
 
+from astroclip_jax import settings as settings_lib
 from astroclip_jax.errors import ConfigError
+from astroclip_jax.evaluation import index as index_lib
 from astroclip_jax.evaluation import plots, runner
 
 DIRECTIONS = {
@@ -87,17 +93,31 @@ def delta_z_score(z, query_rows, neighbours, random_rows):
             "ratio": top / rand if rand > 0 else float("nan")}
 
 
-def pair_retrieval(queries, keys, own, k):
-    """Fractions of queries whose own counterpart (row ``own`` of ``keys``) is top-1 / in top-k."""
-    idx, _ = cosine_topk(queries, keys, k)
+def pair_retrieval(queries, keys, own, k, topk_rows=None):
+    """Fractions of queries whose own counterpart (row ``own`` of ``keys``) is top-1 / in top-k.
+    ``topk_rows(queries, k)``: the search to use (default: brute force over ``keys``)."""
+    idx = topk_rows(queries, k) if topk_rows else cosine_topk(queries, keys, k)[0]
     own = np.asarray(own)[:, None]
     return {"top1": float(np.mean(idx[:, 0] == own[:, 0])),
             f"top{k}": float(np.mean((idx == own).any(axis=1))),
             "chance_top1": 1.0 / len(keys)}
 
 
-def evaluate(arrays, k, seed, score_queries=SCORE_QUERIES):
-    """Per-direction retrieval scores on a sample of seeded random queries (see module doc)."""
+def brute_force_topk(arrays):
+    """``topk(queries, key_column, k, exclude=None) -> rows``: `cosine_topk` over ``arrays``."""
+    return lambda q, key, k, exclude=None: cosine_topk(q, arrays[key], k, exclude)[0]
+
+
+def index_topk(run_index):
+    """The same search through a run's faiss index (`index.RunIndex`)."""
+    modality = {column: name for name, column in index_lib.MODALITIES.items()}
+    return lambda q, key, k, exclude=None: run_index.search(modality[key], q, k, exclude)[0]
+
+
+def evaluate(arrays, k, seed, score_queries=SCORE_QUERIES, topk=None):
+    """Per-direction retrieval scores on a sample of seeded random queries (see module doc).
+    ``topk``: the search (`brute_force_topk` of ``arrays`` unless given)."""
+    topk = topk or brute_force_topk(arrays)
     n = len(arrays["image_embedding"])
     rng = np.random.default_rng(seed)
     queries = np.sort(rng.choice(n, size=min(score_queries, n), replace=False))
@@ -105,11 +125,12 @@ def evaluate(arrays, k, seed, score_queries=SCORE_QUERIES):
     z = np.asarray(arrays["redshift"], np.float64)
     scores = {}
     for name, (q_key, k_key) in DIRECTIONS.items():
-        nbrs, _ = cosine_topk(arrays[q_key][queries], arrays[k_key], k, exclude=queries)
+        nbrs = topk(arrays[q_key][queries], k_key, k, exclude=queries)
         scores[name] = delta_z_score(z, queries, nbrs, rand)
         if q_key != k_key:
-            scores[name]["pair_retrieval"] = pair_retrieval(arrays[q_key][queries],
-                                                            arrays[k_key], queries, k)
+            scores[name]["pair_retrieval"] = pair_retrieval(
+                arrays[q_key][queries], arrays[k_key], queries, k,
+                lambda q, kk, key=k_key: topk(q, key, kk))
     return scores, queries
 
 
@@ -184,13 +205,15 @@ def _smooth(y, width=9):
 # Mode
 # --------------------------------------------------------------------------------------------
 
-def report(inputs: runner.EvalInputs) -> runner.EvalResult:
-    """The mode's evaluator: the |delta z| scores, the query galaxies' neighbours, Figs 6-7."""
+def report(inputs: runner.EvalInputs, topk=None) -> runner.EvalResult:
+    """The mode's evaluator: the |delta z| scores, the query galaxies' neighbours, Figs 6-7.
+    ``topk``: the search (`index_topk` in the mode; brute force when not given)."""
     arrays, settings = inputs.arrays, inputs.settings
+    topk = topk or brute_force_topk(arrays)
     k = settings.search_k
-    scores, score_queries = evaluate(arrays, k, settings.seed)
+    scores, score_queries = evaluate(arrays, k, settings.seed, topk=topk)
     queries = choose_queries(arrays, settings.search_targetids, settings.search_queries, settings.seed)
-    results = {name: cosine_topk(arrays[a][queries], arrays[b], k, exclude=queries)[0]
+    results = {name: topk(arrays[a][queries], b, k, exclude=queries)
                for name, (a, b) in DIRECTIONS.items()}
     ex = inputs.examples(np.unique(np.concatenate([queries, *[r.ravel()
                                                               for r in results.values()]])))
@@ -213,5 +236,11 @@ def report(inputs: runner.EvalInputs) -> runner.EvalResult:
 
 
 def run(config, workdir):
-    """``--mode=search``: retrieval figures for the query galaxies and the |delta z| score."""
-    return runner.run_evaluator(config, workdir, "search", report)["scores"]
+    """``--mode=search``: retrieval figures for the query galaxies and the |delta z| score,
+    searched with the run's faiss index."""
+    settings = settings_lib.resolve(config)
+
+    def report_with_index(inputs):
+        return report(inputs, index_topk(index_lib.open_run_index(settings, workdir)))
+
+    return runner.run_evaluator(config, workdir, "search", report_with_index)["scores"]

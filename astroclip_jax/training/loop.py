@@ -57,6 +57,8 @@ class Trainer:
       validate: state -> {"loss": ..., ...} on the validation split.
       initial_schedule: the JSON-able schedule state of a fresh run.
       end_of_epoch: (state, schedule, validation metrics) -> (state, schedule).
+      plot_curves: (metrics.jsonl path, PNG path) -> None, the end-of-run figure; None draws
+        the contrastive one (InfoNCE with its chance level and the paper's curves).
     """
 
     abstract_state: Any
@@ -67,6 +69,8 @@ class Trainer:
     validate: Callable[[Any], dict[str, float]]
     initial_schedule: dict[str, Any]
     end_of_epoch: Callable[[Any, dict[str, Any], dict[str, float]], tuple[Any, dict[str, Any]]]
+    plot_curves: Callable[[str, str], Any] | None = None
+    extra_metrics: tuple[str, ...] = ()  # step metrics also recorded per epoch as train/<name>
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -275,10 +279,14 @@ def _run(trainer, train, workdir, config_json, ckpt, spe, total_steps):
             state, schedule = trainer.end_of_epoch(state, schedule, val)
             step = int(jax.device_get(state.step))
             record = {"epoch": epoch + 1, "train/loss": train_metrics["loss"],
-                      "train/accuracy": train_metrics["accuracy"], "val/loss": val["loss"],
-                      "val/accuracy": val["accuracy"], "train/lr": train_metrics["learning_rate"],
+                      "train/accuracy": train_metrics.get("accuracy"), "val/loss": val["loss"],
+                      "val/accuracy": val.get("accuracy"), "train/lr": train_metrics["learning_rate"],
                       "batch_size": train.batch_size,
                       "pairs_per_s": spe * train.batch_size / epoch_s, "epoch_s": epoch_s}
+            # A trainer without an accuracy (the autoencoder) records none; its own loss parts
+            # ("train/<part>" for each other metric it lists in `extra_metrics`) go along.
+            record = {k: v for k, v in record.items() if v is not None}
+            record.update({f"train/{k}": train_metrics[k] for k in trainer.extra_metrics})
             logging.info("epoch %d/%d step %d: train %.4f val %.4f (chance %.3f) lr %.3g, %.1f s",
                          epoch + 1, train.epochs, step, train_metrics["loss"], val["loss"],
                          np.log(train.batch_size), train_metrics["learning_rate"], epoch_s)
@@ -295,8 +303,11 @@ def _run(trainer, train, workdir, config_json, ckpt, spe, total_steps):
     if writer is not None:
         writer.close()
         out = os.path.join(workdir, "training_curves.png")
-        metrics_lib.plot_training_curves(os.path.join(workdir, metrics_lib.METRICS_FILE), out,
-                                         batch_size=train.batch_size)
+        metrics_path = os.path.join(workdir, metrics_lib.METRICS_FILE)
+        if trainer.plot_curves is not None:
+            trainer.plot_curves(metrics_path, out)
+        else:
+            metrics_lib.plot_training_curves(metrics_path, out, batch_size=train.batch_size)
         logging.info("best checkpoint: step %s; figure %s", best, out)
     return state
 

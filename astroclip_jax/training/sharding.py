@@ -18,15 +18,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from astroclip_jax.errors import ConfigError
-from astroclip_jax.processes import wants_distributed
+from astroclip_jax import processes
 
 DATA_AXIS = "data"
 
 
 def maybe_initialize_distributed(multihost: bool) -> None:
-    """`jax.distributed.initialize()` when `wants_distributed`."""
-    if wants_distributed(multihost) and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    """Start the multi-process runtime when the config or the environment asks
+    (`processes.initialize`: the launcher's variables, gloo on CPU, failure timeouts)."""
+    was = jax.distributed.is_initialized()
+    processes.initialize(multihost)
+    if not was and jax.distributed.is_initialized():
         logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 

@@ -1,0 +1,127 @@
+"""`--mode=export`: a trained model as one self-contained folder that travels.
+
+    python main.py --config=configs/spender.py --mode=export --workdir=runs/default
+    # then, on any machine with this package (and nothing else of the run):
+    from astroclip_jax.evaluation.restore import load_embedder
+    emb = load_embedder("runs/default/export")
+
+Writes `workdir/export/` (atomically; an existing export is replaced only with
+`eval.overwrite`):
+
+    export.json        format version, the run's config (tower paths relative to the folder,
+                       no data paths), the host preprocessing, the checkpoint step, the
+                       embedding sizes, where it came from
+    image_tower/       the frozen towers as converted-weight directories (tower.json +
+    spectrum_tower/    variables.npz, `models/tower_weights.py`), random or converted alike
+    heads.npz          the trained heads (flattened names), and the logit scale when learned
+    initial_heads.npz  the heads before training (the "untrained heads" baseline)
+    checksums.json     sha256 of every file above, verified by `restore.load_export`
+
+Plain JSON and NumPy files: the folder opens without the work directory, the tower folders
+the run named, the dataset or Orbax, on one CPU or GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+
+from astroclip_jax import files, flat_tree
+from astroclip_jax import settings as settings_lib
+from astroclip_jax.errors import WouldOverwrite
+from astroclip_jax.evaluation import restore, runner
+from astroclip_jax.models import tower_weights, towers
+
+EXPORT_DIR = "export"
+FORMAT_VERSION = 1
+TOWERS = {"image_tower": "resnet", "spectrum_tower": "spender"}
+
+
+def _tower_config_and_extras(trained: restore.TrainedModel, name: str):
+    """(module config, extras) of a tower as the model runs it (the MoCo head and Spender's
+    MLP are not part of the frozen towers)."""
+    setting = getattr(trained.settings.model, name)
+    if setting.weights:
+        weights = tower_weights.load_tower(setting.weights, kind=TOWERS[name])
+        config, extras = dict(weights.config), dict(weights.extras)
+    else:
+        config, extras = towers.tower_config(TOWERS[name], setting.size), {}
+    if TOWERS[name] == "resnet":
+        config["head_hidden"] = None
+    return config, extras
+
+
+def portable_config(config: ml_collections.ConfigDict) -> dict:
+    """The run's config as JSON with the towers inside the folder and no paths of this machine."""
+    out = settings_lib.config_json(config)
+    for name in TOWERS:
+        out["model"][name]["weights"] = name  # relative to the export folder
+    out["model"]["image_head"]["init_from_tower"] = False  # the heads are stored as trained
+    for field in ("data_dir", "manual_dir", "provabgs_path"):
+        out["data"][field] = None
+    if "feature_cache" in out:
+        out["feature_cache"]["dir"] = None
+    return out
+
+
+def write_export(trained: restore.TrainedModel, out: str, source: dict | None = None) -> str:
+    """Write the export folder of `trained` to `out` (replacing it atomically); its path."""
+    with files.atomic_directory(out) as tmp:
+        for name, kind in TOWERS.items():
+            config, extras = _tower_config_and_extras(trained, name)
+            tower_weights.save_tower(os.path.join(tmp, name), kind, config,
+                                     _numpy(trained.params[name]), extras=extras,
+                                     source={"exported_from": trained.checkpoint_dir})
+        heads = {k: v for k, v in trained.params.items() if k not in TOWERS}
+        initial = {k: trained.initial_params[k] for k in ("image_head", "spectrum_head")}
+        for filename, tree in (("heads.npz", heads), ("initial_heads.npz", initial)):
+            np.savez(os.path.join(tmp, filename), **flat_tree.flatten(_numpy(tree)))
+        model = trained.settings.model
+        meta = {"format_version": FORMAT_VERSION, "config": portable_config(trained.config),
+                "preprocessing": {**trained.settings.data.preprocessing_key(),
+                                  "image_size": model.image_size,
+                                  "spectrum_length": model.spectrum_length},
+                "embedding_dim": {"image": model.image_head.out,
+                                  "spectrum": model.spectrum_head.out},
+                "step": trained.step, "source": source or {}}
+        with open(os.path.join(tmp, restore.EXPORT_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+        checksums = {rel: files.sha256_file(os.path.join(tmp, rel)) for rel in _files(tmp)}
+        with open(os.path.join(tmp, restore.CHECKSUMS_FILE), "w", encoding="utf-8") as f:
+            json.dump(checksums, f, indent=2, sort_keys=True)
+    return out
+
+
+def _numpy(tree):
+    import jax
+
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def _files(folder: str) -> list[str]:
+    """Relative paths of the files under `folder`, sorted."""
+    out = []
+    for root, _, names in os.walk(folder):
+        out += [os.path.relpath(os.path.join(root, n), folder) for n in names]
+    return sorted(out)
+
+
+def run(config, workdir: str) -> str:
+    """``--mode=export``: `workdir/export/` from the `eval.checkpoint` checkpoint."""
+    settings = settings_lib.resolve(config)
+    out = os.path.join(os.path.abspath(workdir), EXPORT_DIR)
+    if os.path.exists(out) and not settings.eval.overwrite:
+        raise WouldOverwrite(f"{out} exists; set config.eval.overwrite=True "
+                             "(--config.eval.overwrite) to replace it")
+    trained = restore.restore_trained_model(workdir, settings.eval.checkpoint)
+    with runner.evaluation_directory(workdir, "export"):  # one at a time; clears a killed one's
+        files.remove_leftovers(os.path.abspath(workdir), (EXPORT_DIR,))
+        write_export(trained, out, source={"workdir": os.path.abspath(workdir),
+                                           "checkpoint": trained.checkpoint_dir})
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in _files(out))
+    print(f"export: wrote {out} (checkpoint step {trained.step}, {size / 2**20:.1f} MiB); "
+          f"open it with astroclip_jax.evaluation.restore.load_embedder({out!r})")
+    return out

@@ -1,0 +1,294 @@
+"""`--mode=pretrain_spender`: Spender's autoencoder trained on the spectra (the spectrum tower).
+
+    python main.py --config=configs/spender_pretrain.py --mode=pretrain_spender --workdir=runs/spender_ae
+
+Reads top to bottom: settings -> mesh -> data (flux spectra, spender's normalisation, weights
+from the per-pixel std with sky lines masked, `data/spender_inputs.py`) -> the autoencoder
+(random, or `spender_pretrain.init_from` a converted hub model to fine-tune) -> the step
+(fidelity [+ similarity] [+ consistency on redshift-augmented copies], clipped gradients,
+Adam with torch's OneCycleLR stepped per epoch and its beta1 cycle) -> the shared loop
+(`loop.py`: resume, epochs, checkpoints, metrics, figure) -> the tower directory
+(<workdir>/tower: encoder as kind "spender" + decoder/), which configs/spender.py's
+`model.spectrum_tower.weights` can name.
+
+Losses are spender's sums over the batch; the metrics show them per spectrum. Validation is
+the fidelity loss per spectrum on the validation split (deterministic: no augmentation).
+Step t draws its augmentation from fold_in(rng, t) and its rows from `pipeline.step_indices`,
+so a resumed run ends bitwise identical to one never interrupted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from astroclip_jax import files, wavelength_grids
+from astroclip_jax import settings as settings_lib
+from astroclip_jax.data import pipeline, shipped_files, spender_inputs
+from astroclip_jax.errors import ConfigError
+from astroclip_jax.models import spender as spender_model
+from astroclip_jax.models import spender_autoencoder as ae
+from astroclip_jax.models import tower_weights
+from astroclip_jax.training import loop, optimizer, sharding, spender_losses
+from astroclip_jax.training import metrics as metrics_lib
+
+_KEYS = ("spectrum", "weights", "z")
+_AUGMENT_STREAM = 0
+
+
+def check(p: settings_lib.SpenderPretrainSettings | None) -> settings_lib.SpenderPretrainSettings:
+    """The section's values, checked before any work."""
+    if p is None:
+        raise ConfigError("config has no spender_pretrain section: use configs/spender_pretrain.py")
+    if p.encoder_size not in spender_model.SIZES:
+        raise ConfigError(f"config field spender_pretrain.encoder_size is {p.encoder_size!r}; "
+                          f"expected one of {sorted(spender_model.SIZES)}")
+    if p.decoder_size not in ae.DECODER_SIZES:
+        raise ConfigError(f"config field spender_pretrain.decoder_size is {p.decoder_size!r}; "
+                          f"expected one of {sorted(ae.DECODER_SIZES)}")
+    if p.activation not in ae.ACTIVATIONS:
+        raise ConfigError(f"config field spender_pretrain.activation is {p.activation!r}; "
+                          f"expected one of {list(ae.ACTIVATIONS)}")
+    if p.schedule_per not in ("epoch", "step"):
+        raise ConfigError(f"config field spender_pretrain.schedule_per is {p.schedule_per!r}; "
+                          "expected 'epoch' or 'step'")
+    for name in ("z_max", "clip_norm", "augment_z_max"):
+        if not getattr(p, name) > 0:
+            raise ConfigError(f"config field spender_pretrain.{name} must be > 0")
+    return p
+
+
+def build_autoencoder(p: settings_lib.SpenderPretrainSettings, grid: str, rng: jax.Array
+                      ) -> tuple[ae.Autoencoder, Any]:
+    """A fresh autoencoder on `grid` at the configured sizes, or the one in `init_from`."""
+    wave_obs = wavelength_grids.wave(grid)
+    if p.init_from:
+        model, params = ae.load_autoencoder(p.init_from)
+        if model.wave_obs.shape != wave_obs.shape or not np.allclose(model.wave_obs, wave_obs,
+                                                                     atol=1e-3, rtol=0):
+            raise ConfigError(f"config field spender_pretrain.init_from: {p.init_from} was "
+                              f"trained on another grid than data.grid={grid!r}")
+        return model, params
+    wave_rest = ae.restframe_grid(wave_obs, p.z_max, p.restframe_bins or None)
+    model = ae.Autoencoder(
+        encoder=spender_model.SpectrumEncoder(**spender_model.SIZES[p.encoder_size]),
+        decoder=ae.SpectrumDecoder(n_rest=len(wave_rest), hidden=ae.DECODER_SIZES[p.decoder_size],
+                                   activation=p.activation),
+        wave_rest=wave_rest, wave_obs=wave_obs)
+    return model, model.init(rng)
+
+
+def make_optimizer(train: settings_lib.TrainSettings, clip_norm: float, steps_per_epoch: int,
+                   per: str = "epoch") -> optax.GradientTransformation:
+    """Clip, then Adam whose lr and beta1 follow OneCycleLR over the epochs (stepped once an
+    epoch, as upstream) or over all steps (`per="step"`: a run of a few epochs)."""
+    div, total = ((steps_per_epoch, train.epochs) if per == "epoch"
+                  else (1, steps_per_epoch * train.epochs))
+
+    def at(count, which):
+        return spender_losses.one_cycle(count // div, total, train.learning_rate)[which]
+
+    adam = optax.inject_hyperparams(optax.adam)(
+        learning_rate=lambda count: at(count, 0), b1=lambda count: at(count, 1),
+        b2=train.adam_b2, eps=train.adam_eps)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), adam)
+
+
+def losses(model: ae.Autoencoder, p: settings_lib.SpenderPretrainSettings, params, batch,
+           key: jax.Array, slope: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """spender's `get_losses` and their weighted sum (sums over the batch)."""
+    y, w, z = batch["spectrum"], batch["weights"], batch["z"]
+    s, restframe, recon, valid = model.forward(params, y, z)
+    fidelity = ae.fidelity_loss(y, w * valid, recon)
+    total, parts = fidelity, {"fidelity": fidelity}
+    if p.similarity:
+        sim = spender_losses.similarity_restframe_loss(restframe, s, model.wave_rest, slope)
+        total, parts["similarity"] = total + p.similarity_amp * sim, sim
+    if p.consistency:
+        y_aug, _, _ = spender_losses.augment_redshift(key, y, w, z, model.wave_obs, p.augment_z_max)
+        cons = spender_losses.consistency_loss(s, model.encode(params, y_aug))
+        total, parts["consistency"] = total + p.consistency_amp * cons, cons
+    return total, parts
+
+
+def make_train_step(model, p, tx):
+    def step(state: optimizer.TrainState, batch):
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _AUGMENT_STREAM)
+        (loss, parts), grads = jax.value_and_grad(
+            lambda params: losses(model, p, params, batch, key, batch["slope"]), has_aux=True)(
+                state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        n = batch["spectrum"].shape[0]
+        metrics = {"loss": loss / n, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": opt_state[1].hyperparams["learning_rate"],
+                   **{k: v / n for k, v in parts.items()}}
+        state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+        return state, metrics
+    return step
+
+
+class SpectraRecords:
+    """Spender's inputs of one split: `batch(indices)` -> spectrum, weights, z (host arrays)."""
+
+    def __init__(self, data: settings_lib.DataSettings, split: str):
+        self._source = pipeline.data_source(data, split)
+        self._wave = wavelength_grids.wave(data.grid)
+        self._weights = shipped_files.spectrum_weights(data.grid)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def batch(self, indices) -> dict[str, np.ndarray]:
+        raw = pipeline.read_records(self._source, indices, ("spectrum", "redshift"))
+        z = raw["redshift"].astype(np.float32)
+        y, w, _ = spender_inputs.normalise(raw["spectrum"], self._weights, z, self._wave)
+        return {"spectrum": y, "weights": w, "z": z}
+
+
+def run(config, workdir: str) -> Any:
+    """Pretrain (or resume) in `workdir`; writes the tower directory; the final state."""
+    settings = settings_lib.resolve(config)
+    p = check(settings.spender_pretrain)
+    with loop.work_directory(os.path.abspath(workdir), settings, "spender pretraining") as workdir:
+        loop.check_resume(workdir, settings_lib.config_json(config))
+        return _train(config, settings, p, workdir)
+
+
+def _train(config, settings, p, workdir):
+    train = settings.train
+    mesh = loop.make_mesh(settings)
+    loop.prepare_data(settings.data)
+    records = SpectraRecords(settings.data, train.train_split)
+    loop.check_batch_fits(train, len(records))
+    spe = pipeline.steps_per_epoch(len(records), train.batch_size)
+
+    loop.banner("model")
+    seed_key = jax.random.PRNGKey(settings.seed)
+    model, params = build_autoencoder(p, settings.data.grid, seed_key)
+    tx = make_optimizer(train, p.clip_norm, spe, p.schedule_per)
+    state_rng = jax.random.fold_in(seed_key, 1)
+
+    repl = sharding.replicated(mesh)
+    abstract = jax.eval_shape(lambda q, k: optimizer.init_state(tx, q, k), params, state_rng)
+    state_sharding = jax.tree.map(lambda _: repl, abstract)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                            abstract)
+    init_state = jax.jit(lambda q, k: optimizer.init_state(tx, q, k), out_shardings=state_sharding)
+    params = sharding.replicate(params, mesh)
+    step = jax.jit(make_train_step(model, p, tx), donate_argnums=0,
+                   in_shardings=(state_sharding, None), out_shardings=(state_sharding, repl))
+    rows = pipeline.process_rows(train.batch_size, jax.process_index(), jax.process_count())
+
+    def train_step(state, batch):
+        slope = batch.pop("slope")
+        sharded = sharding.shard_batch(batch, mesh, _KEYS)
+        return step(state, {**sharded, "slope": jnp.float32(slope)})
+
+    def batches(start: int):
+        def one(t):
+            indices = pipeline.step_indices(len(records), settings.seed, t, train.batch_size)
+            out = records.batch(indices[rows])
+            out["slope"] = spender_losses.similarity_slope(t // spe, train.epochs)
+            return out
+        return loop.no_cleanup(one(t) for t in itertools.count(start))
+
+    validate = _validation(settings, model, mesh)
+    trainer = loop.Trainer(
+        abstract_state=abstract, init_state=lambda: init_state(params, state_rng),
+        steps_per_epoch=spe, batches=batches, train_step=train_step,
+        validate=lambda state: validate(state.params), initial_schedule={},
+        end_of_epoch=lambda state, schedule, val: (state, schedule),
+        plot_curves=plot_curves, extra_metrics=_parts(p))
+    state = loop.run(trainer, train, workdir, settings_lib.config_json(config))
+    if loop.is_main_process():
+        out = p.tower_dir or os.path.join(workdir, "tower")
+        write_tower(out, model, jax.device_get(state.params),
+                    {"trained_by": "pretrain_spender", "workdir": workdir,
+                     "step": int(jax.device_get(state.step))})
+        logging.info("wrote the trained Spender tower to %s", out)
+    return state
+
+
+def _parts(p: settings_lib.SpenderPretrainSettings) -> tuple[str, ...]:
+    return ("fidelity", *(("similarity",) if p.similarity else ()),
+            *(("consistency",) if p.consistency else ()))
+
+
+def plot_curves(metrics_path: str, out_png: str) -> str:
+    """Per-epoch losses per spectrum (train total and parts, validation fidelity; log) and
+    the learning rate."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = metrics_lib.read_metrics(metrics_path)
+    epochs = np.array([r["epoch"] for r in records])
+    fig = Figure(figsize=(7, 6))
+    FigureCanvasAgg(fig)
+    ax, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    keys = ["train/loss", "val/loss"] + sorted(k for k in records[-1] if k.startswith("train/")
+                                               and k not in ("train/loss", "train/lr"))
+    for key in keys:
+        label = {"train/loss": "train: total", "val/loss": "validation: fidelity"}.get(
+            key, "train: " + key.split("/", 1)[1])
+        ax.plot(epochs, [r[key] for r in records], "o-", ms=3, label=label)
+    ax.set_yscale("log")
+    ax.set_ylabel("loss per spectrum")
+    ax.set_title("Spender autoencoder pretraining")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax_lr.plot(epochs, [r["train/lr"] for r in records], "-", color="C2")
+    ax_lr.set_ylabel("learning rate (one-cycle)")
+    ax_lr.set_xlabel("epoch")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    with files.atomic_path(out_png, suffix=".png") as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    return out_png
+
+
+def _validation(settings, model, mesh):
+    """params -> {"loss": fidelity per spectrum} over the validation split (fixed batches)."""
+    train = settings.train
+    records = SpectraRecords(settings.data, train.val_split)
+    size, n = train.val_batch_size, len(records)
+    rows = pipeline.process_rows(size, jax.process_index(), jax.process_count())
+    per = jax.jit(lambda params, b: jnp.sum(
+        model.loss(params, b["spectrum"], b["weights"], b["z"], individual=True) * b["mask"]),
+        out_shardings=sharding.replicated(mesh))
+    cached = []  # the inputs are fixed: read once
+    for start in range(0, n, size):
+        idx = np.arange(start, start + size)
+        batch = records.batch(np.minimum(idx, n - 1)[rows])
+        batch["mask"] = (idx < n)[rows].astype(np.float32)
+        cached.append(sharding.shard_batch(batch, mesh, (*_KEYS, "mask")))
+
+    def validate(params) -> dict[str, float]:
+        total = sum(float(per(params, b)) for b in cached)
+        return {"loss": total / n}
+
+    return validate
+
+
+def write_tower(out_dir: str, model: ae.Autoencoder, params, source: dict[str, Any]) -> str:
+    """Encoder (kind "spender", extra wave_obs) + decoder/ in one atomic directory."""
+    host = jax.tree.map(np.asarray, params)
+    enc_config = {k: list(v) if isinstance(v, tuple) else v for k, v in
+                  dict(filters=model.encoder.filters, kernels=model.encoder.kernels,
+                       pools=model.encoder.pools, mlp_hidden=model.encoder.mlp_hidden,
+                       n_latent=model.encoder.n_latent, dropout=model.encoder.dropout).items()}
+    dec_config = dict(n_rest=model.decoder.n_rest, hidden=list(model.decoder.hidden),
+                      activation=model.decoder.activation)
+    with files.atomic_directory(out_dir) as tmp:
+        tower_weights.save_tower(tmp, "spender", enc_config, host["encoder"],
+                                 extras={"wave_obs": np.asarray(model.wave_obs)}, source=source,
+                                 overwrite=True)
+        ae.save_decoder(tmp, dec_config, host["decoder"], model.wave_rest, model.lsf, source)
+    return out_dir

@@ -1,0 +1,168 @@
+"""Our Spender autoencoder train step vs the `spender` package's model doing the same step.
+
+    python benchmarks/spender_autoencoder_step.py [--sizes small spender] [--batch 64] [--steps 5]
+
+For each size (encoder `models.spender.SIZES`, decoder `DECODER_SIZES`, DESI grid, restframe
+9780): a `spender.SpectrumAutoencoder` with random weights is saved as a hub file and converted
+(`converters/spender.py`), so both sides hold the same weights; on the same batch (normalised
+synthetic-like spectra, weights, redshifts) the fidelity losses are checked equal first (1e-5
+relative), then one step = fidelity loss, gradients, global-norm clip 1.0, Adam (lr 1e-3, eps
+1e-4), as train_DESI.py, timed over --steps after a warm-up. Each framework runs in its own
+subprocess, so its peak resident memory (ru_maxrss) is its own. Prints spectra/s and peak MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _torch_model(size: str):
+    import spender
+    import torch
+    from torch import nn
+
+    from astroclip_jax import wavelength_grids
+    from astroclip_jax.models import spender as spender_model
+    from astroclip_jax.models import spender_autoencoder as ae
+
+    torch.manual_seed(0)
+    cfg = spender_model.SIZES[size]
+    wave = torch.from_numpy(wavelength_grids.desi_wave())
+    wave_rest = torch.from_numpy(ae.restframe_grid(wave.numpy(), 0.8))
+    model = spender.SpectrumAutoencoder(spender.Instrument(wave), wave_rest, n_latent=cfg["n_latent"],
+                                        n_hidden=ae.DECODER_SIZES[size])
+    enc = model.encoder
+    if tuple(cfg["filters"]) != (128, 256, 512):  # spender hard-codes its filters
+        enc.conv1, enc.conv2, enc.conv3 = enc._conv_blocks(list(cfg["filters"]), list(cfg["kernels"]))
+        enc.n_feature = cfg["filters"][-1] // 2
+    hidden = tuple(cfg["mlp_hidden"])
+    enc.mlp = spender.MLP(enc.n_feature, cfg["n_latent"], n_hidden=hidden,
+                          act=[nn.PReLU(n) for n in hidden] + [nn.Identity()])
+    return model
+
+
+def _batch(batch: int):
+    from astroclip_jax import wavelength_grids
+
+    wave = wavelength_grids.desi_wave()
+    rng = np.random.default_rng(0)
+    y = (1 + 0.3 * np.sin(wave[None, :] / rng.uniform(200, 600, (batch, 1)))
+         + 0.1 * rng.standard_normal((batch, wave.size))).astype(np.float32)
+    w = rng.uniform(50, 100, y.shape).astype(np.float32)
+    z = rng.uniform(0.0, 0.5, batch).astype(np.float32)
+    return y, w, z
+
+
+def run_torch(hub: str, size: str, batch: int, steps: int) -> dict:
+    import spender
+    import torch
+
+    from astroclip_jax import wavelength_grids
+
+    torch.set_num_threads(os.cpu_count())
+    instrument = spender.Instrument(torch.from_numpy(wavelength_grids.desi_wave()))
+    model = _torch_model(size)
+    model.load_state_dict(torch.load(hub, weights_only=True)["model"][0])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
+    y, w, z = map(torch.from_numpy, _batch(batch))
+
+    def step():
+        loss = model.loss(y, w, instrument, z=z)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        return float(loss)
+
+    first = step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dt = time.perf_counter() - t0
+    return {"loss": first, "spectra_per_s": steps * batch / dt,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_jax(tower: str, batch: int, steps: int) -> dict:
+    import jax
+    import optax
+
+    from astroclip_jax.models import spender_autoencoder as ae
+
+    model, params = ae.load_autoencoder(tower)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3, eps=1e-4))
+    y, w, z = _batch(batch)
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(lambda p: model.loss(p, y, w, z))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = tx.init(params)
+    params, opt_state, first = step(params, opt_state)
+    first = float(first)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        params, opt_state, loss = step(params, opt_state)
+    jax.block_until_ready(loss)
+    dt = time.perf_counter() - t0
+    return {"loss": first, "spectra_per_s": steps * batch / dt,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _child(args) -> None:
+    out = (run_torch(args.hub, args.size, args.batch, args.steps) if args.framework == "torch"
+           else run_jax(args.tower, args.batch, args.steps))
+    print(json.dumps(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["small", "spender"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--framework", choices=("jax", "torch"))  # internal: one child
+    parser.add_argument("--size"), parser.add_argument("--hub"), parser.add_argument("--tower")
+    args = parser.parse_args()
+    if args.framework:
+        return _child(args)
+    import torch
+
+    from converters import spender as converter
+
+    print(f"{'size':8s} {'framework':9s} {'loss':>14s} {'spectra/s':>10s} {'peak MB':>9s}")
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            hub, tower = os.path.join(tmp, "ae.pt"), os.path.join(tmp, "tower")
+            torch.save({"model": [_torch_model(size).state_dict()]}, hub)
+            converter.convert(hub, tower)
+            results = {}
+            for fw in ("torch", "jax"):
+                cmd = [sys.executable, os.path.abspath(__file__), f"--framework={fw}",
+                       f"--size={size}", f"--hub={hub}", f"--tower={tower}",
+                       f"--batch={args.batch}", f"--steps={args.steps}"]
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+                results[fw] = json.loads(proc.stdout.strip().splitlines()[-1])
+            # The same step: the first losses (same weights, same batch) agree.
+            np.testing.assert_allclose(results["jax"]["loss"], results["torch"]["loss"], rtol=1e-5)
+            for fw, r in results.items():
+                print(f"{size:8s} {fw:9s} {r['loss']:14.6g} {r['spectra_per_s']:10.1f} "
+                      f"{r['peak_mb']:9.0f}")
+
+
+if __name__ == "__main__":
+    main()
