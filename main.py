@@ -23,6 +23,7 @@ MODES = {
     "prepare": "astroclip_jax.data.prepare",
     "train": "astroclip_jax.training.contrastive",
     "pretrain_spender": "astroclip_jax.training.spender_pretrain",
+    "pretrain_moco": "astroclip_jax.training.moco",
     "embed": "astroclip_jax.evaluation.embed",
     "eval_knn": "astroclip_jax.evaluation.knn",
     "search": "astroclip_jax.evaluation.search",
@@ -34,7 +35,7 @@ MODES = {
 
 # Modes that write the work directory take its lock before importing anything heavy, so a
 # second writer stops within a second; the mode itself holds the same (re-entrant) lock.
-WRITERS = {"pretrain_spender": "spender pretraining", "train": "training"}
+WRITERS = {"pretrain_spender": "spender pretraining", "pretrain_moco": "MoCo pretraining", "train": "training"}
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
 flags.DEFINE_enum("mode", "train", list(MODES), "What to do.")

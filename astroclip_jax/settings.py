@@ -229,6 +229,25 @@ class SpenderPretrainSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class MocoSettings:
+    """`--mode=pretrain_moco` (training/moco.py): Stein et al.'s MoCo v2 for the image tower.
+    Batch, epochs, learning rate (the cosine's start) and splits come from `train`."""
+
+    size: str  # models.resnet.SIZES
+    queue_size: int  # negatives (Stein: 65536); a multiple of train.batch_size
+    temperature: float  # Stein's released ResNet50: 0.1 (script default 0.2)
+    encoder_momentum: float  # key encoder EMA (Stein: 0.996)
+    sgd_momentum: float  # 0.9
+    weight_decay: float  # 1e-4, on every parameter as torch's SGD
+    cosine_epochs: int  # the cosine schedule's length in epochs (0: train.epochs)
+    bn_groups: int  # shuffle-BN groups (MoCo: one per GPU); a multiple of the device count
+    input_crop: int  # host centre crop of the flux cutouts before augmenting (0: whole cutout)
+    crop: int  # the views' size (96; the contrastive run's data.image_crop)
+    jitter: int  # jitter of the final crop (7)
+    tower_dir: str | None  # where the trained tower directory goes (None: <workdir>/tower)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSettings:
     seed: int
     multihost: bool
@@ -244,6 +263,7 @@ class RunSettings:
     index: IndexSettings | None = None  # None likewise (used by search and serve)
     serve: ServeSettings | None = None
     spender_pretrain: SpenderPretrainSettings | None = None  # None likewise
+    moco: MocoSettings | None = None  # None likewise
 
 
 # Fields computed from others (not read from the config).
@@ -336,6 +356,8 @@ def resolve(config: Mapping[str, Any]) -> RunSettings:
         spender_pretrain=(SpenderPretrainSettings(**_read(
             SpenderPretrainSettings, config["spender_pretrain"], "spender_pretrain"))
             if "spender_pretrain" in config else None),
+        moco=(MocoSettings(**_read(MocoSettings, config["moco"], "moco"))
+              if "moco" in config else None),
     )
     _validate(settings)
     return settings

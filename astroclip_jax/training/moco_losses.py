@@ -8,7 +8,7 @@
     queue[ptr : ptr + N] = k; ptr = (ptr + N) mod K            after each step (K % N == 0)
 
 The queue is stored (K, D) (torch keeps it (D, K)); its rows are the keys of the last K / N
-global batches. Only the trainer (not written yet) holds the encoders; these are its parts.
+global batches. The trainer (`training/moco.py`) holds the encoders; these are its parts.
 """
 
 from __future__ import annotations

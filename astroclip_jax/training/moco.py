@@ -1,0 +1,302 @@
+"""`--mode=pretrain_moco`: Stein et al.'s MoCo v2 on the images (the image tower).
+
+    python main.py --config=configs/moco.py --mode=pretrain_moco --workdir=runs/moco
+
+Reads top to bottom: settings -> mesh -> data (flux cutouts, host centre crop `moco.input_crop`)
+-> the query encoder (random ResNet of `moco.size` with its MLP head fc_0/fc_2) and its copy,
+the momentum key encoder -> the step -> the shared loop (`loop.py`: resume, epochs,
+checkpoints, metrics, figure) -> the tower directory (<workdir>/tower, kind "resnet", the
+query encoder with its head), which configs/spender.py's `model.image_tower.weights` can name.
+
+One step (moco2_module.py's order): two views of the batch on the device (moco_augment.view,
+flux units, then ToRGB) -> key encoder <- m key + (1 - m) query (parameters only; its BatchNorm
+statistics are its own) -> keys from the shuffled batch -> queries, the loss against the queue,
+SGD (momentum, weight decay on every parameter) on a cosine schedule -> enqueue the keys.
+The queue, its pointer, the key encoder and both encoders' BatchNorm statistics are in the
+state, so the checkpoint holds them and a resumed run is bitwise the uninterrupted one.
+
+Shuffle BN. MoCo computes BatchNorm statistics per GPU and shuffles the key batch across GPUs,
+so a query and its key never share statistics (which would let the loss find the positive by
+the batch it came from). Here the global batch is cut into `moco.bn_groups` equal groups, each
+normalised by its own statistics (vmap over the groups; with groups a multiple of the device
+count each group lies on one device of the data-sharded batch). Queries use the batch in its
+order; keys are computed on a random permutation of the global batch (moving rows across groups,
+hence across devices) and put back in order. The running statistics are the mean over the
+groups of each group's torch-style update (MoCo keeps rank 0's; all ranks see alike data).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+
+from astroclip_jax import files
+from astroclip_jax import settings as settings_lib
+from astroclip_jax.data import pipeline, preprocess
+from astroclip_jax.errors import ConfigError
+from astroclip_jax.models import astroclip, resnet, tower_weights
+from astroclip_jax.training import loop, moco_augment, moco_losses, sharding
+from astroclip_jax.training import metrics as metrics_lib
+
+_AUGMENT_STREAM = 0
+_VAL_STREAM = 1
+
+
+class MocoState(struct.PyTreeNode):
+    """Everything a MoCo step changes (all of it in the checkpoint)."""
+
+    step: jax.Array  # int32: updates done; also the data position
+    params: Any  # query encoder parameters (trained by SGD)
+    batch_stats: Any  # query encoder BatchNorm running statistics
+    opt_state: optax.OptState
+    rng: jax.Array  # raw uint32[2] base key; step keys are fold_in(rng, step)
+    key_params: Any  # momentum key encoder parameters
+    key_batch_stats: Any
+    queue: jax.Array  # (K, D) normalised keys of the last K / N batches
+    queue_ptr: jax.Array  # int32: the oldest row
+
+
+def check(p: settings_lib.MocoSettings | None, train: settings_lib.TrainSettings
+          ) -> settings_lib.MocoSettings:
+    """The section's values, checked before any work."""
+    if p is None:
+        raise ConfigError("config has no moco section: use configs/moco.py")
+    if p.size not in resnet.SIZES:
+        raise ConfigError(f"config field moco.size is {p.size!r}; expected one of "
+                          f"{sorted(resnet.SIZES)}")
+    if p.queue_size <= 0 or p.queue_size % train.batch_size:
+        raise ConfigError(f"config field moco.queue_size is {p.queue_size}; expected a positive "
+                          f"multiple of train.batch_size={train.batch_size}")
+    if p.bn_groups <= 0 or train.batch_size % p.bn_groups:
+        raise ConfigError(f"config field moco.bn_groups is {p.bn_groups}; expected a positive "
+                          f"divisor of train.batch_size={train.batch_size}")
+    if not (p.temperature > 0 and 0 <= p.encoder_momentum < 1 and p.crop > 0
+            and p.jitter >= 0 and p.cosine_epochs >= 0):
+        raise ConfigError("config section moco: expected temperature > 0, 0 <= "
+                          "encoder_momentum < 1, crop > 0, jitter >= 0, cosine_epochs >= 0")
+    return p
+
+
+def grouped_forward(model: resnet.ResNet, params, batch_stats, images: jax.Array, groups: int
+                    ) -> tuple[jax.Array, Any]:
+    """Head outputs (N, D) with BatchNorm statistics per group of N / groups consecutive rows,
+    and the running statistics (the groups' updates averaged)."""
+    grouped = images.reshape(groups, -1, *images.shape[1:])
+
+    def one(x):
+        out, new = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                               batch_norm_training=True, mutable=["batch_stats"])
+        return out["head"], new["batch_stats"]
+
+    heads, stats = jax.vmap(one)(grouped)
+    return heads.reshape(images.shape[0], -1), jax.tree.map(lambda s: jnp.mean(s, 0), stats)
+
+
+def make_optimizer(p: settings_lib.MocoSettings, train: settings_lib.TrainSettings,
+                   steps_per_epoch: int) -> tuple[optax.GradientTransformation, Any]:
+    """torch SGD (momentum, weight decay added to the gradient) on a cosine over the steps."""
+    total = steps_per_epoch * (p.cosine_epochs or train.epochs)
+    schedule = optax.cosine_decay_schedule(train.learning_rate, total)
+    tx = optax.chain(optax.add_decayed_weights(p.weight_decay),
+                     optax.sgd(schedule, momentum=p.sgd_momentum))
+    return tx, schedule
+
+
+def make_train_step(model, p: settings_lib.MocoSettings, tx, schedule,
+                    aug: moco_augment.MocoAugment):
+    def step(state: MocoState, images: jax.Array):
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _AUGMENT_STREAM)
+        k_q, k_k, k_perm = jax.random.split(key, 3)
+        x_q, x_k = moco_augment.view(k_q, images, aug), moco_augment.view(k_k, images, aug)
+        key_params = moco_losses.momentum_update(state.key_params, state.params,
+                                                 p.encoder_momentum)
+        perm = jax.random.permutation(k_perm, images.shape[0])
+        k_shuffled, key_stats = grouped_forward(model, key_params, state.key_batch_stats,
+                                                x_k[perm], p.bn_groups)
+        k = moco_losses.normalise(k_shuffled)[jnp.argsort(perm)]
+
+        def loss_fn(params):
+            q, stats = grouped_forward(model, params, state.batch_stats, x_q, p.bn_groups)
+            loss, acc = moco_losses.moco_loss(moco_losses.normalise(q), k, state.queue,
+                                              p.temperature)
+            return loss, (acc, stats)
+
+        (loss, (acc, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        queue, ptr = moco_losses.enqueue(state.queue, state.queue_ptr, k)
+        metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(state.step)}
+        state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              batch_stats=stats, opt_state=opt_state, key_params=key_params,
+                              key_batch_stats=key_stats, queue=queue, queue_ptr=ptr)
+        return state, metrics
+    return step
+
+
+class ImageRecords:
+    """Flux cutouts of one split, centre-cropped to `input_crop` (0: whole) on the host."""
+
+    def __init__(self, data: settings_lib.DataSettings, split: str, input_crop: int):
+        self._source = pipeline.data_source(data, split)
+        self._crop = input_crop
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def batch(self, indices) -> np.ndarray:
+        images = pipeline.read_records(self._source, indices, ("image",))["image"]
+        images = np.asarray(images, np.float32)
+        if self._crop:
+            try:
+                images = preprocess.center_crop(images, self._crop)
+            except ValueError as e:
+                raise ConfigError(f"config field moco.input_crop={self._crop}: {e}") from None
+        return np.ascontiguousarray(images)
+
+
+def run(config, workdir: str) -> Any:
+    """Pretrain (or resume) in `workdir`; writes the tower directory; the final state."""
+    settings = settings_lib.resolve(config)
+    p, config_json = check(settings.moco, settings.train), settings_lib.config_json(config)
+    with loop.work_directory(os.path.abspath(workdir), settings, "MoCo pretraining") as workdir:
+        loop.check_resume(workdir, config_json)
+        train, mesh = settings.train, loop.make_mesh(settings)
+        return _train(config_json, settings, p, workdir, train, mesh)
+
+
+def _train(config_json, settings, p, workdir, train, mesh):
+    if p.bn_groups % jax.device_count():
+        raise ConfigError(f"config field moco.bn_groups is {p.bn_groups}; expected a multiple "
+                          f"of the {jax.device_count()} devices (one group on one device)")
+    loop.prepare_data(settings.data)
+    records = ImageRecords(settings.data, train.train_split, p.input_crop)
+    loop.check_batch_fits(train, len(records))
+    spe = pipeline.steps_per_epoch(len(records), train.batch_size)
+    aug = moco_augment.MocoAugment(size=p.crop, jitter=p.jitter)
+
+    loop.banner("model")
+    config_dict = dict(resnet.SIZES[p.size])
+    model = resnet.ResNet(**config_dict)
+    seed_key = jax.random.PRNGKey(settings.seed)
+    tx, schedule = make_optimizer(p, train, spe)
+
+    variables = astroclip.random_tower_variables(  # NumPy: no compile of the ResNet's init
+        jax.eval_shape(model.init, seed_key, jnp.zeros((1, p.crop, p.crop, 3))), seed_key)
+
+    def fresh() -> MocoState:
+        params, stats = variables["params"], variables["batch_stats"]
+        queue = moco_losses.init_queue(jax.random.fold_in(seed_key, 2), p.queue_size,
+                                       config_dict["head_out"])
+        return MocoState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                         opt_state=tx.init(params), rng=jax.random.fold_in(seed_key, 1),
+                         key_params=params, key_batch_stats=stats, queue=queue,
+                         queue_ptr=jnp.zeros((), jnp.int32))
+
+    repl = sharding.replicated(mesh)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                            jax.eval_shape(fresh))
+    state_sharding = jax.tree.map(lambda _: repl, abstract)
+    step = jax.jit(make_train_step(model, p, tx, schedule, aug), donate_argnums=0,
+                   in_shardings=(state_sharding, sharding.data_sharded(mesh)),
+                   out_shardings=(state_sharding, repl))
+    rows = pipeline.process_rows(train.batch_size, jax.process_index(), jax.process_count())
+
+    def batches(start: int):
+        def one(t):
+            indices = pipeline.step_indices(len(records), settings.seed, t, train.batch_size)
+            return records.batch(indices[rows])
+        return loop.no_cleanup(one(t) for t in itertools.count(start))
+
+    validate = _validation(settings, p, model, aug, mesh)
+    trainer = loop.Trainer(
+        abstract_state=abstract, init_state=lambda: sharding.replicate(fresh(), mesh),
+        steps_per_epoch=spe, batches=batches,
+        train_step=lambda state, images: step(state, sharding.shard_batch(
+            {"image": images}, mesh)["image"]),
+        validate=validate, initial_schedule={},
+        end_of_epoch=lambda state, schedule_, val: (state, schedule_),
+        plot_curves=lambda path, png: plot_curves(path, png, p.queue_size))
+    state = loop.run(trainer, train, workdir, config_json)
+    if loop.is_main_process():
+        out = p.tower_dir or os.path.join(workdir, "tower")
+        host = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+        tower_weights.save_tower(
+            out, "resnet", {k: list(v) if isinstance(v, tuple) else v
+                            for k, v in config_dict.items()},
+            jax.tree.map(np.asarray, host),
+            source={"trained_by": "pretrain_moco", "workdir": workdir,
+                    "step": int(jax.device_get(state.step))}, overwrite=True)
+        logging.info("wrote the MoCo-trained image tower to %s", out)
+    return state
+
+
+def _validation(settings, p, model, aug, mesh):
+    """state -> MoCo loss and accuracy on the validation split's full batches: both encoders
+    with their running statistics, two views drawn from a fixed key, the state's queue."""
+    train = settings.train
+    records = ImageRecords(settings.data, train.val_split, p.input_crop)
+    size = train.val_batch_size
+    rows = pipeline.process_rows(size, jax.process_index(), jax.process_count())
+    cached = [sharding.shard_batch({"image": records.batch(np.arange(a, a + size)[rows])},
+                                   mesh)["image"]
+              for a in range(0, len(records) - size + 1, size)]  # the inputs are fixed: read once
+    if not cached:
+        raise ConfigError(f"config field train.val_batch_size is {size} but split "
+                          f"{train.val_split!r} has only {len(records)} examples")
+    base = jax.random.fold_in(jax.random.PRNGKey(settings.seed), _VAL_STREAM)
+
+    @jax.jit
+    def one(state: MocoState, images, i):
+        k_q, k_k = jax.random.split(jax.random.fold_in(base, i))
+        q = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                        moco_augment.view(k_q, images, aug))["head"]
+        k = model.apply({"params": state.key_params, "batch_stats": state.key_batch_stats},
+                        moco_augment.view(k_k, images, aug))["head"]
+        return moco_losses.moco_loss(moco_losses.normalise(q), moco_losses.normalise(k),
+                                     state.queue, p.temperature)
+
+    def validate(state) -> dict[str, float]:
+        out = np.array([jax.device_get(one(state, b, i)) for i, b in enumerate(cached)])
+        return {"loss": float(out[:, 0].mean()), "accuracy": float(out[:, 1].mean())}
+
+    return validate
+
+
+def plot_curves(metrics_path: str, out_png: str, queue_size: int) -> str:
+    """Per-epoch MoCo loss (train, validation; chance log(1 + K)), top-1 accuracy of the
+    positive among 1 + K, and the learning rate."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = metrics_lib.read_metrics(metrics_path)
+    epochs = [r["epoch"] for r in records]
+    fig = Figure(figsize=(7, 7))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1, 1]})
+    for ax, name, unit in zip(axes[:2], ("loss", "accuracy"), ("InfoNCE", "top-1")):
+        for split in ("train", "val"):
+            ax.plot(epochs, [r[f"{split}/{name}"] for r in records], "o-", ms=3,
+                    label={"train": "train (augmented, batch statistics)",
+                           "val": "validation (running statistics)"}[split])
+        ax.set_ylabel(f"MoCo {name} ({unit})")
+        ax.grid(alpha=0.3)
+    axes[0].axhline(np.log(1 + queue_size), color="grey", ls="--",
+                    label=f"chance: log(1 + {queue_size})")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("MoCo v2 pretraining of the image tower")
+    axes[2].plot(epochs, [r["train/lr"] for r in records], "-", color="C2")
+    axes[2].set_ylabel("learning rate (cosine)")
+    axes[2].set_xlabel("epoch")
+    axes[2].grid(alpha=0.3)
+    fig.tight_layout()
+    with files.atomic_path(out_png, suffix=".png") as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    return out_png
