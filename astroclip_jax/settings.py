@@ -65,6 +65,12 @@ class TowerSettings:
     size: str  # a named size of the module ("resnet50", "small", "test", ...)
     weights: str | None  # a converted tower directory; None = random init at `size`
 
+    def __post_init__(self):
+        # "" on the command line (`--config.model.spectrum_tower.weights=`) means random too:
+        # absl cannot pass None to a string field.
+        if self.weights == "":
+            object.__setattr__(self, "weights", None)
+
 
 @dataclasses.dataclass(frozen=True)
 class HeadSettings:

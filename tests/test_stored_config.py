@@ -38,3 +38,10 @@ def test_resume_accepts_a_field_newer_than_the_run_but_not_a_changed_one():
     saved["train"]["batch_size"] = current["train"]["batch_size"] * 2
     with pytest.raises(ConfigError, match="train.batch_size"):
         settings_lib.changes_on_resume(saved, current)
+
+
+def test_an_empty_tower_path_on_the_command_line_means_a_random_tower():
+    config = spender.get_config("")
+    assert settings_lib.resolve(config).model.spectrum_tower.weights  # the shipped tower
+    config.model.spectrum_tower.weights = ""
+    assert settings_lib.resolve(config).model.spectrum_tower.weights is None
