@@ -76,6 +76,17 @@ def test_knn_classify_and_scores_equal_sklearn():
         roc_auc_score(query_y, want, multi_class="ovr", average="macro"))
 
 
+def test_auc_counts_only_classes_the_probe_could_rank():
+    _, _, _, query_y = _classes()
+    scores = np.random.default_rng(3).random((len(query_y), 3))
+    # Saw classes 0 and 1: the macro AUC over those two one-vs-rest splits, as sklearn's.
+    want = np.mean([roc_auc_score(query_y == c, scores[:, c]) for c in (0, 1)])
+    assert probes.classification_scores(query_y, scores, seen=[0, 1, 1])["roc_auc"] == \
+        pytest.approx(want)
+    # Saw one class only: it never saw a negative, so there is no AUC to give.
+    assert np.isnan(probes.classification_scores(query_y, scores, seen=[0, 0])["roc_auc"])
+
+
 def test_mlp_probes_learn_what_ridge_cannot():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(900, 4))

@@ -318,11 +318,14 @@ def r2(y, pred) -> float:
 def classification_scores(y, scores, seen=None) -> dict[str, float]:
     """Accuracy of the arg-max class and the macro one-vs-rest ROC AUC over the classes present
     in ``y`` (both sides of each one-vs-rest split must occur) and, when ``seen`` is given,
-    among the training labels (a probe's score for a class it never saw means nothing); NaN if
-    no class qualifies."""
+    among the training labels (a probe's score for a class it never saw means nothing, and one
+    that saw a single class learnt no ranking); NaN if no class qualifies."""
     y = np.asarray(y, np.int64)
+    seen = None if seen is None else set(np.asarray(seen).tolist())
+    # A probe that saw one class only has never seen a negative: its one-vs-rest scores
+    # rank nothing it learnt (the extrapolation of a saturated softmax), so no AUC.
     classes = [c for c in np.unique(y) if 0 < np.sum(y == c) < len(y)
-               and (seen is None or c in set(np.asarray(seen).tolist()))]
+               and (seen is None or (c in seen and len(seen) > 1))]
     aucs = [roc_auc_score(y == c, scores[:, c]) for c in classes]
     return {"accuracy": float(accuracy_score(y, np.argmax(scores, axis=1))),
             "roc_auc": float(np.mean(aucs)) if aucs else float("nan")}

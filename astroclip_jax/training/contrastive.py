@@ -141,7 +141,7 @@ def _train(config, settings: settings_lib.RunSettings, workdir: str) -> Any:
         steps_per_epoch=steps_per_epoch, batches=batches, train_step=train_step,
         validate=validate,
         initial_schedule=optimizer.Plateau(lr=train.learning_rate)._asdict(),
-        end_of_epoch=end_of_epoch)
+        end_of_epoch=end_of_epoch, chance_loss=float(np.log(train.batch_size)))
     return loop.run(trainer, train, workdir, settings_lib.config_json(config))
 
 

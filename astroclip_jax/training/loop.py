@@ -71,6 +71,7 @@ class Trainer:
     end_of_epoch: Callable[[Any, dict[str, Any], dict[str, float]], tuple[Any, dict[str, Any]]]
     plot_curves: Callable[[str, str], Any] | None = None
     extra_metrics: tuple[str, ...] = ()  # step metrics also recorded per epoch as train/<name>
+    chance_loss: float | None = None  # the loss of a blind guess, shown in the epoch log line
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -287,9 +288,11 @@ def _run(trainer, train, workdir, config_json, ckpt, spe, total_steps):
             # ("train/<part>" for each other metric it lists in `extra_metrics`) go along.
             record = {k: v for k, v in record.items() if v is not None}
             record.update({f"train/{k}": train_metrics[k] for k in trainer.extra_metrics})
-            logging.info("epoch %d/%d step %d: train %.4f val %.4f (chance %.3f) lr %.3g, %.1f s",
+            chance = ("" if trainer.chance_loss is None
+                      else f" (chance {trainer.chance_loss:.3f})")
+            logging.info("epoch %d/%d step %d: train %.4f val %.4f%s lr %.3g, %.1f s",
                          epoch + 1, train.epochs, step, train_metrics["loss"], val["loss"],
-                         np.log(train.batch_size), train_metrics["learning_rate"], epoch_s)
+                         chance, train_metrics["learning_rate"], epoch_s)
             if writer is not None:
                 writer.write(step, record)
             ckpt.save(state, {"epoch": epoch + 1, "step": step, "steps_per_epoch": spe,

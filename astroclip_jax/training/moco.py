@@ -223,7 +223,8 @@ def _train(config_json, settings, p, workdir, train, mesh):
             {"image": images}, mesh)["image"]),
         validate=validate, initial_schedule={},
         end_of_epoch=lambda state, schedule_, val: (state, schedule_),
-        plot_curves=lambda path, png: plot_curves(path, png, p.queue_size))
+        plot_curves=lambda path, png: plot_curves(path, png, p.queue_size),
+        chance_loss=float(np.log(1 + p.queue_size)))
     state = loop.run(trainer, train, workdir, config_json)
     if loop.is_main_process():
         out = p.tower_dir or os.path.join(workdir, "tower")
