@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -105,3 +106,59 @@ def sha256_file(path: str) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------- sealed directories
+# One checksum table per finished directory (checkpoint steps, exports): written last and
+# atomically, so its presence means the directory was finished, and its entries catch a file
+# that was truncated, altered or removed since.
+
+def _files_under(directory: str, table_file: str) -> list[str]:
+    found = []
+    for folder, _, names in os.walk(directory):
+        found += [os.path.relpath(os.path.join(folder, n), directory) for n in names]
+    return sorted(rel for rel in found if rel != table_file)
+
+
+def seal(directory: str, table_file: str = "checksums.json") -> None:
+    """Record the size and sha256 of every file under `directory` in `table_file`, atomically."""
+    table = {rel: [os.path.getsize(os.path.join(directory, rel)),
+                   sha256_file(os.path.join(directory, rel))]
+             for rel in _files_under(directory, table_file)}
+    with atomic_path(os.path.join(directory, table_file)) as tmp, open(tmp, "w") as f:
+        json.dump(table, f, indent=0, sort_keys=True)
+
+
+def damage(directory: str, table_file: str = "checksums.json") -> str | None:
+    """What is wrong with a sealed directory (the first problem, in words), or None if intact."""
+    try:
+        with open(os.path.join(directory, table_file)) as f:
+            table = json.load(f)
+        if not isinstance(table, dict) or not table:
+            raise ValueError("empty")
+    except FileNotFoundError:
+        return f"unfinished: no {table_file} (the writer stopped before sealing it)"
+    except (OSError, ValueError):
+        return f"{table_file} is unreadable"
+    for rel, entry in sorted(table.items()):
+        size, digest = entry if isinstance(entry, list) else (None, entry)  # older: digest only
+        problem = file_problem(os.path.join(directory, rel), size, digest)
+        if problem is not None:
+            return f"{rel} {problem}"
+    return None
+
+
+def file_record(path: str) -> dict[str, int | str]:
+    """{"bytes", "sha256"} of a written file, for a manifest that `file_problem` checks."""
+    return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+def file_problem(path: str, size: int | None, digest: str) -> str | None:
+    """Why `path` is not the file that was written (missing, other size, other sha256), or None."""
+    if not os.path.isfile(path):
+        return "is missing"
+    if size is not None and os.path.getsize(path) != size:
+        return f"has {os.path.getsize(path)} bytes, {size} were written"
+    if sha256_file(path) != digest:
+        return "does not match its checksum (corrupted)"
+    return None

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Train-step, feature-cache and embedding benchmarks on one accelerator, in about 5 minutes.
+# Train-step, feature-cache and embedding benchmarks on one accelerator, in about 9 minutes.
 #
 #   bash benchmarks/gpu.sh            # writes benchmarks/results/*.json (and copies to $OUT if set)
 #
 # Needs a CUDA build of jax (and of torch for the PyTorch side). Each part has its own time limit,
 # so a slow part cannot eat the others' time; a part that fails is reported and the rest still run.
 # Budget (H200, measured shapes): train step (setup + parity, batches 512 and 64, both
-# frameworks) <= 170 s; embedding float32 <= 60 s; embedding bfloat16 + cache <= 60 s.
+# frameworks) <= 170 s; MoCo v2 step (small and resnet50, torch, ours, ours with augmentation:
+# five compiles; a guess, not yet measured on a GPU) <= 240 s; embedding float32 <= 60 s;
+# embedding bfloat16 + cache <= 60 s.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -44,6 +46,8 @@ part() {  # part NAME SECONDS CMD...
 
 part train_step 170 "$PY" benchmarks/train_step.py --size=full --batches=512,64 \
     --steps=10 --warmup=2 --cache-n=16384 --torch-device=cuda
+part moco_step 240 "$PY" benchmarks/moco_step.py --sizes small resnet50 --batch-small 256 \
+    --batch-full 128 --steps 10 --augment --torch-device=cuda --label gpu
 part embed_float32 60 "$PY" benchmarks/embed_throughput.py --size=full --dtype=float32 \
     --batch=1024 --batches=20 --cache-n=0
 part embed_bfloat16_cache 60 "$PY" benchmarks/embed_throughput.py --size=full --dtype=bfloat16 \

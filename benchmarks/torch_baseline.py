@@ -52,7 +52,7 @@ LOGIT_SCALE = 15.5
 
 # ---------------------------------------------------------------- reference towers with shared weights
 
-def _randomise_batchnorm(model: nn.Module, image_size: int, gen: torch.Generator) -> None:
+def randomise_batchnorm(model: nn.Module, image_size: int, gen: torch.Generator) -> None:
     """Realistic BatchNorm running statistics (one train-mode pass), then random affine params."""
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -69,28 +69,36 @@ def _randomise_batchnorm(model: nn.Module, image_size: int, gen: torch.Generator
     model.eval()
 
 
-def make_resnet(size: str, seed: int = 0) -> nn.Module:
-    """torchvision ResNet (Bottleneck) with the MoCo v2 head `fc = Linear, ReLU, Linear`."""
+def build_resnet(stage_sizes: Sequence[int], width: int, head_hidden: int, head_out: int
+                 ) -> nn.Module:
+    """torchvision ResNet (Bottleneck) of any width with the MoCo v2 head `fc = Linear, ReLU,
+    Linear`, torch's default initialisation: the layout of `models.resnet.SIZES` entries."""
     from torchvision.models.resnet import Bottleneck, ResNet
 
-    cfg = SIZES[size]
-    torch.manual_seed(seed)
-    width = cfg["resnet_width"]
     if width == 64:
         model = torchvision.models.resnet50(num_classes=128)
-        assert tuple(cfg["stage_sizes"]) == (3, 4, 6, 3)
+        assert tuple(stage_sizes) == (3, 4, 6, 3)
     else:
         # torchvision's constructor fixes the width at 64; rebuild with its own _make_layer.
-        model = ResNet(Bottleneck, list(cfg["stage_sizes"]))
+        model = ResNet(Bottleneck, list(stage_sizes))
         model.inplanes = width
         model.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
         model.bn1 = nn.BatchNorm2d(width)
-        for i, n in enumerate(cfg["stage_sizes"]):
+        for i, n in enumerate(stage_sizes):
             setattr(model, f"layer{i + 1}",
                     model._make_layer(Bottleneck, width * 2**i, n, stride=1 if i == 0 else 2))
-    model.fc = nn.Sequential(nn.Linear(32 * width, cfg["head_hidden"]), nn.ReLU(),
-                             nn.Linear(cfg["head_hidden"], cfg["head_out"]))
-    _randomise_batchnorm(model, cfg["crop"], torch.Generator().manual_seed(seed))
+    model.fc = nn.Sequential(nn.Linear(32 * width, head_hidden), nn.ReLU(),
+                             nn.Linear(head_hidden, head_out))
+    return model
+
+
+def make_resnet(size: str, seed: int = 0) -> nn.Module:
+    """`build_resnet` of a SIZES entry with random, non-trivial BatchNorm (eval mode)."""
+    cfg = SIZES[size]
+    torch.manual_seed(seed)
+    model = build_resnet(cfg["stage_sizes"], cfg["resnet_width"], cfg["head_hidden"],
+                         cfg["head_out"])
+    randomise_batchnorm(model, cfg["crop"], torch.Generator().manual_seed(seed))
     return model
 
 

@@ -3,8 +3,8 @@
 The default trains on the built-in synthetic dataset with the paper's hyperparameters
 (batch 512, Adam 5e-4, ReduceLROnPlateau 0.5 / 5 epochs, logit scale 15.5, heads
 2048 -> [2048] -> 128 and 256 -> [256, 256, 256] -> 128, 80 epochs), sized to finish in
-about ten minutes on a 2-core CPU: small towers (the spectrum tower pretrained here with
-configs/spender_pretrain.py and shipped in the package, the image tower random), the
+about ten minutes on a 2-core CPU: small towers (pretrained here, the spectrum tower with
+configs/spender_pretrain.py and the image tower with configs/moco.py, shipped in the package), the
 synthetic `default` set (16,384 pairs; generated and prepared on first use, about 4 minutes),
 and the frozen-feature cache (the towers run once over the 8 exact rotations/flips of each
 training image, about 5 minutes; then 80 epochs of 25 steps train the heads at about 7,000
@@ -196,9 +196,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         duplicate_arcsec=2.0))
 
     if arg == "":
-        # The small spectrum tower pretrained here on the synthetic default training split
-        # (configs/spender_pretrain.py, command in its tower.json); the image tower stays random.
+        # The small towers pretrained here on the synthetic default training split, each by the
+        # command in its tower.json: Spender's autoencoder (configs/spender_pretrain.py) and
+        # MoCo v2 (configs/moco.py).
         model.spectrum_tower.weights = _shipped_tower("spender_small_synthetic")
+        model.image_tower.weights = _shipped_tower("resnet_small_synthetic")
     if arg == "desi":
         data.name = "astroclip_desi"
         data.builder_config = "provabgs"  # all pairs, plus PROVABGS properties for evaluation

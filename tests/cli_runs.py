@@ -45,3 +45,20 @@ def run(mode: str, workdir: str, *overrides: str, devices: int = 1,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def align_and_evaluate(kind: str, tower: str, workdir: str) -> dict:
+    """pretrain -> align -> eval_knn on smoke: train the smoke contrastive run with the `kind`
+    ("image" or "spectrum") tower directory `tower`, check the log names it, evaluate, and
+    return eval_knn's R^2 table (every entry checked finite)."""
+    import json
+    import math
+
+    module = {"image": "resnet", "spectrum": "spender"}[kind]
+    log = run("train", workdir, f"--config.model.{kind}_tower.weights={tower}").stderr
+    assert f"{module} tower: converted weights from {tower}" in log, log[-2000:]
+    run("eval_knn", workdir)
+    with open(os.path.join(workdir, "eval_knn", "results.json")) as f:
+        r2 = json.load(f)["r2"]
+    assert r2 and all(math.isfinite(v) for scores in r2.values() for v in scores.values())
+    return r2

@@ -323,7 +323,7 @@ def test_prepare_mode_writes_the_summary_and_reuses_the_dataset(tmp_path, monkey
     prepare.run(config, str(tmp_path / "work"))
     with open(tmp_path / "work" / "prepare.json") as f:
         written = json.load(f)
-    assert written["dataset"] == "synthetic_desi/tiny/1.0.0"
+    assert written["dataset"] == "synthetic_desi/tiny/1.1.0"  # 1.1.0: with ivar
     assert written["splits"]["train"]["examples"] == 204  # int(0.8 * 256)
     assert written["splits"]["test"]["examples"] == 52
     assert written["metadata"]["grid"] == "desi"
@@ -389,6 +389,7 @@ def test_synthetic_round_trip_real_generator(tmp_path):
             i = by_id[tid]
             np.testing.assert_array_equal(rec["image"], direct["image"][i])
             np.testing.assert_array_equal(rec["spectrum"], direct["spectrum"][i])
+            np.testing.assert_array_equal(rec["ivar"], direct["ivar"][i])
             assert rec["redshift"] == direct["redshift"][i]
             seen += 1
     assert seen == 5

@@ -117,3 +117,24 @@ def test_moco_tower_is_the_image_tower_of_the_contrastive_model(straight):
                                rtol=1e-5, atol=1e-6)
     emb = np.asarray(model.embed_images(params, images))
     assert emb.shape == (3, 32) and np.isfinite(emb).all()
+
+
+def test_moco_tower_aligns_and_evaluates_on_smoke(tmp_path, straight):
+    """pretrain -> align -> eval_knn on smoke: the contrastive run names the MoCo tower."""
+    cli_runs.align_and_evaluate("image", os.path.join(straight, "tower"), str(tmp_path / "aligned"))
+
+
+def test_default_config_names_the_shipped_pretrained_image_tower():
+    """The default run aligns the image tower that configs/moco.py's default command made."""
+    def config(name):
+        return runpy.run_path(os.path.join(cli_runs.ROOT, "configs", name))["get_config"]("")
+
+    moco = config("moco.py")
+    tw = tower_weights.load_tower(config("spender.py").model.image_tower.weights, kind="resnet")
+    assert tw.config == {k: list(v) if isinstance(v, tuple) else v
+                         for k, v in resnet.SIZES[moco.moco.size].items()}
+    assert tw.source["trained_by"] == "pretrain_moco"
+    assert tw.source["command"].startswith(f"python main.py --config={CONFIG} --mode=pretrain_moco")
+    # what that command's default runs: one epoch of 102 steps of 128 on the 13,107 training images
+    assert tw.source["step"] == 13107 // moco.train.batch_size * moco.train.epochs
+    assert {"fc_0", "fc_2"} <= set(tw.variables["params"])

@@ -363,7 +363,7 @@ def test_a_prepare_killed_mid_build_leaves_nothing_the_next_one_keeps(tmp_path, 
     start = time.monotonic()
     prepare.prepare(data)  # takes the dead process's lock over at once
     assert time.monotonic() - start < 60
-    assert sorted(os.listdir(home)) == [".lock-prepare", "1.0.0"]
+    assert sorted(os.listdir(home)) == [".lock-prepare", str(builders.SyntheticDesi.VERSION)]
     assert len(_records(data, "train")) == 16
 
 

@@ -11,8 +11,10 @@ files are read back with `tfds.data_source`. Keys only fix the (hashed) record o
                               "provabgs" adds Z_HP and log M* from the PROVABGS catalogue.
 
 Both write the same Batch-contract fields: image (S, S, 3) flux, spectrum (L,), targetid,
-redshift, z_hp, log_mstar (NaN when unknown), has_props. Inverse variances are not stored
-(nothing downstream uses them; 31 KB per example on the DESI grid).
+redshift, z_hp, log_mstar (NaN when unknown), has_props. `synthetic_desi` also stores `ivar`
+(L,), the inverse variance of the noise in `spectrum` (31 KB per example on the DESI grid; read
+only by Spender pretraining: `pipeline.read_records` decodes just the fields asked for), the
+artefact flag and the catalogue columns. The AstroCLIP file has no inverse variances.
 
 Each prepared dataset records its recipe in its metadata (`metadata["recipe"]`): the identity of
 every source file it was made from (real path, size, modification time, and the sha256 of a
@@ -141,8 +143,9 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 class SyntheticDesi(_Builder):
     """Synthetic image-spectrum pairs from `astroclip_jax.data.synthetic.generate`."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "Adds `ivar` (L,): the inverse variance of each spectrum's noise."}
     BUILDER_CONFIGS = [
         SyntheticDesiConfig(name="tiny", num_pairs=256, description="256 pairs, DESI grid"),
         SyntheticDesiConfig(name="small", num_pairs=4096, description="4096 pairs, DESI grid"),
@@ -157,7 +160,9 @@ class SyntheticDesi(_Builder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config
-        features = _common_features(cfg.image_size, grids.wave(cfg.grid).size)
+        length = grids.wave(cfg.grid).size
+        features = _common_features(cfg.image_size, length)
+        features["ivar"] = _tensor((length,), np.float32)
         features["artefact"] = tfds.features.Scalar(dtype=np.int8)
         for name in _SYNTHETIC_EXTRA:
             features[name] = tfds.features.Scalar(dtype=np.float32)
@@ -194,6 +199,7 @@ class SyntheticDesi(_Builder):
                 example = {
                     "image": batch["image"][j],
                     "spectrum": batch["spectrum"][j],
+                    "ivar": batch["ivar"][j],
                     "targetid": batch["targetid"][j],
                     "redshift": batch["redshift"][j],
                     "z_hp": batch["redshift"][j],

@@ -23,6 +23,7 @@ import os
 
 import grain
 import numpy as np
+import tensorflow_datasets as tfds
 
 from absl import flags
 
@@ -83,15 +84,24 @@ def process_rows(global_batch_size: int, process_index: int, process_count: int)
     return slice(process_index * local, (process_index + 1) * local)
 
 
+@functools.lru_cache(maxsize=16)
+def _decoder(features, fields: tuple[str, ...]):
+    """A FeaturesDict of only `fields`: parsing a record with it decodes nothing else (tfds'
+    NumPy parser skips the keys its spec lacks)."""
+    return tfds.features.FeaturesDict({name: features[name] for name in fields})
+
+
 def read_records(source, indices, fields=tuple(BATCH_FIELDS)) -> dict[str, np.ndarray]:
-    """Records `indices` of `source`, stacked per field (raw: before preprocessing)."""
-    rows = {name: [] for name in fields}
-    for index in indices:
-        record = source[int(index)]
-        for name in fields:
-            rows[name].append(record[name])
-    return {name: np.stack(values).astype(BATCH_FIELDS[name], copy=False)
-            for name, values in rows.items()}
+    """Records `indices` of the tfds `source`, stacked per field (raw: before preprocessing).
+
+    Only `fields` are decoded (a record is read and parsed whole, but a field not asked for,
+    e.g. the synthetic `ivar`, is not converted); Batch-contract fields get their dtypes."""
+    decoder = _decoder(source.dataset_info.features, tuple(fields))
+    raw = source.data_source.__getitems__([int(i) for i in indices])
+    records = [decoder.deserialize_example_np(r) for r in raw]
+    out = {name: np.stack([r[name] for r in records]) for name in fields}
+    return {name: v.astype(BATCH_FIELDS[name], copy=False) if name in BATCH_FIELDS else v
+            for name, v in out.items()}
 
 
 class PreprocessedRecords:

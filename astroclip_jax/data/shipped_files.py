@@ -68,11 +68,3 @@ def skyline_mask(wave_obs: np.ndarray, min_intensity: float = 2.0, mask_size: fl
     for line, h in zip(lines[keep], half):
         mask |= np.abs(wave_obs - line) < h
     return mask
-
-
-def spectrum_weights(grid: str) -> np.ndarray:
-    """Inverse-variance weights (float32, one per pixel of `grid`) for data without their own:
-    1 / pixel_std(grid)^2 (what the synthetic spectra's noise is), zero on sky lines."""
-    w = 1.0 / np.square(pixel_std(grid))
-    w[skyline_mask(wavelength_grids.wave(grid))] = 0
-    return w.astype(np.float32)

@@ -187,12 +187,11 @@ def split_rows(data: DataSettings, split: str) -> Rows:
         raise DataError(f"split {split!r} of {data.name}/{data.builder_config} is empty")
 
     def read(start: int, stop: int) -> dict[str, np.ndarray]:
-        records = [source[i] for i in range(start, stop)]
-        raw = {k: np.stack([r[k] for r in records]).astype(t, copy=False)
-               for k, t in pipeline.BATCH_FIELDS.items()}
-        out = preprocess.preprocess_batch(raw, data)
+        # Only the fields written out are decoded (not e.g. the synthetic ivar).
+        raw = pipeline.read_records(source, range(start, stop), (*pipeline.BATCH_FIELDS, *extras))
+        out = preprocess.preprocess_batch({k: raw[k] for k in pipeline.BATCH_FIELDS}, data)
         out = {k: out[k] for k in ("image", "spectrum", *_PROPERTY_COLUMNS)}
-        out.update({k: np.asarray([r[k] for r in records], dtypes[k]) for k in extras})
+        out.update({k: raw[k].astype(dtypes[k], copy=False) for k in extras})
         out["index"] = np.arange(start, stop, dtype=np.int64)
         return out
 

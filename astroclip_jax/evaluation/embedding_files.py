@@ -102,7 +102,7 @@ def write_manifest(directory: str, key: str, meta: Mapping[str, Any], chunks: Se
             raise DataError(f"embeddings chunk {path} is missing or damaged")
         rows = pq.read_metadata(path).num_rows
         entries.append({"file": os.path.basename(path), "start": start, "rows": rows,
-                        "bytes": os.path.getsize(path), "sha256": files.sha256_file(path)})
+                        **files.file_record(path)})
         columns = columns or info["shapes"]
         start += rows
     manifest = {"format_version": FORMAT_VERSION, "embeddings_key": key, "n": start,
@@ -135,11 +135,9 @@ def verify(directory: str, manifest: Mapping[str, Any] | None = None) -> dict[st
 
 def _check_chunk(directory: str, entry: Mapping[str, Any]) -> str:
     path = os.path.join(directory, entry["file"])
-    if not os.path.isfile(path):
-        raise DataError(f"embeddings file {path} is missing")
-    if os.path.getsize(path) != entry["bytes"] or files.sha256_file(path) != entry["sha256"]:
-        raise DataError(f"embeddings file {path} does not match its checksum (truncated or "
-                        "corrupted)")
+    problem = files.file_problem(path, entry["bytes"], entry["sha256"])
+    if problem is not None:
+        raise DataError(f"embeddings file {path} {problem}")
     return path
 
 

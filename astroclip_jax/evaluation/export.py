@@ -15,7 +15,7 @@ Writes `workdir/export/` (atomically; an existing export is replaced only with
     spectrum_tower/    variables.npz, `models/tower_weights.py`), random or converted alike
     heads.npz          the trained heads (flattened names), and the logit scale when learned
     initial_heads.npz  the heads before training (the "untrained heads" baseline)
-    checksums.json     sha256 of every file above, verified by `restore.load_export`
+    checksums.json     size and sha256 of every file above, verified by `restore.load_export`
 
 Plain JSON and NumPy files: the folder opens without the work directory, the tower folders
 the run named, the dataset or Orbax, on one CPU or GPU.
@@ -89,9 +89,7 @@ def write_export(trained: restore.TrainedModel, out: str, source: dict | None = 
                 "step": trained.step, "source": source or {}}
         with open(os.path.join(tmp, restore.EXPORT_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
-        checksums = {rel: files.sha256_file(os.path.join(tmp, rel)) for rel in _files(tmp)}
-        with open(os.path.join(tmp, restore.CHECKSUMS_FILE), "w", encoding="utf-8") as f:
-            json.dump(checksums, f, indent=2, sort_keys=True)
+        files.seal(tmp, restore.CHECKSUMS_FILE)
     return out
 
 

@@ -208,8 +208,7 @@ def _training_sample(vectors, rows: int) -> np.ndarray:
 
 
 def _file_entry(path: str) -> dict[str, Any]:
-    return {"file": os.path.basename(path), "bytes": os.path.getsize(path),
-            "sha256": files.sha256_file(path)}
+    return {"file": os.path.basename(path), **files.file_record(path)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,9 +280,9 @@ def open_index(directory: str, key: str | None = None) -> RunIndex:
         raise DataError(f"index {directory} was built from other embeddings")
     for entry in [*meta["columns"].values(), *meta["modalities"].values()]:
         path = os.path.join(directory, entry["file"])
-        if not os.path.exists(path) or os.path.getsize(path) != entry["bytes"] \
-                or files.sha256_file(path) != entry["sha256"]:
-            raise DataError(f"index file {path} is missing or does not match its checksum")
+        problem = files.file_problem(path, entry["bytes"], entry["sha256"])
+        if problem is not None:
+            raise DataError(f"index file {path} {problem}")
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
     indexes = {}
     for m, entry in meta["modalities"].items():

@@ -68,44 +68,14 @@ def _options(keep: int) -> ocp.CheckpointManagerOptions:
 
 # ------------------------------------------------------------------------------- integrity
 
-def _files_of(step_dir: str) -> list[str]:
-    found = []
-    for folder, _, names in os.walk(step_dir):
-        for name in names:
-            rel = os.path.relpath(os.path.join(folder, name), step_dir)
-            if rel != CHECKSUMS_FILE:
-                found.append(rel)
-    return sorted(found)
-
-
 def seal(step_dir: str) -> None:
     """Record the size and sha256 of every file of a finished step (atomically)."""
-    table = {rel: [os.path.getsize(os.path.join(step_dir, rel)),
-                   files.sha256_file(os.path.join(step_dir, rel))] for rel in _files_of(step_dir)}
-    with files.atomic_path(os.path.join(step_dir, CHECKSUMS_FILE)) as tmp, open(tmp, "w") as f:
-        json.dump(table, f, indent=0, sort_keys=True)
+    files.seal(step_dir, CHECKSUMS_FILE)
 
 
 def damage(step_dir: str) -> str | None:
     """What is wrong with a step directory, or None when it is intact."""
-    try:
-        with open(os.path.join(step_dir, CHECKSUMS_FILE)) as f:
-            table = json.load(f)
-        if not isinstance(table, dict) or not table:
-            raise ValueError("empty")
-    except FileNotFoundError:
-        return f"unfinished: no {CHECKSUMS_FILE} (the run stopped while writing it)"
-    except (OSError, ValueError):
-        return f"{CHECKSUMS_FILE} is unreadable"
-    for rel, (size, digest) in sorted(table.items()):
-        path = os.path.join(step_dir, rel)
-        if not os.path.isfile(path):
-            return f"{rel} is missing"
-        if os.path.getsize(path) != size:
-            return f"{rel} has {os.path.getsize(path)} bytes, {size} were written"
-        if files.sha256_file(path) != digest:
-            return f"{rel} does not match its checksum (corrupted)"
-    return None
+    return files.damage(step_dir, CHECKSUMS_FILE)
 
 
 def _meta_of(step_dir: str) -> dict[str, Any]:

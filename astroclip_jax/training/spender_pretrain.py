@@ -3,7 +3,8 @@
     python main.py --config=configs/spender_pretrain.py --mode=pretrain_spender --workdir=runs/spender_ae
 
 Reads top to bottom: settings -> mesh -> data (flux spectra, spender's normalisation, weights
-from the per-pixel std with sky lines masked, `data/spender_inputs.py`) -> the autoencoder
+from the dataset's ivar, else the per-pixel DESI std, with sky lines masked,
+`data/spender_inputs.py`) -> the autoencoder
 (random, or `spender_pretrain.init_from` a converted hub model to fine-tune) -> the step
 (fidelity [+ similarity] [+ consistency on redshift-augmented copies], clipped gradients,
 Adam with torch's OneCycleLR stepped per epoch and its beta1 cycle) -> the shared loop
@@ -31,7 +32,7 @@ from absl import logging
 
 from astroclip_jax import files, wavelength_grids
 from astroclip_jax import settings as settings_lib
-from astroclip_jax.data import pipeline, shipped_files, spender_inputs
+from astroclip_jax.data import pipeline, spender_inputs
 from astroclip_jax.errors import ConfigError
 from astroclip_jax.models import spender as spender_model
 from astroclip_jax.models import spender_autoencoder as ae
@@ -136,20 +137,25 @@ def make_train_step(model, p, tx):
 
 
 class SpectraRecords:
-    """Spender's inputs of one split: `batch(indices)` -> spectrum, weights, z (host arrays)."""
+    """Spender's inputs of one split: `batch(indices)` -> spectrum, weights, z (host arrays).
+
+    The weights come from the records' `ivar` where the dataset stores one, else from the
+    DESI per-pixel std (`spender_inputs.weights`)."""
 
     def __init__(self, data: settings_lib.DataSettings, split: str):
         self._source = pipeline.data_source(data, split)
-        self._wave = wavelength_grids.wave(data.grid)
-        self._weights = shipped_files.spectrum_weights(data.grid)
+        self._grid, self._wave = data.grid, wavelength_grids.wave(data.grid)
+        self.has_ivar = "ivar" in self._source.dataset_info.features.keys()
+        self._fields = ("spectrum", "redshift", *(("ivar",) if self.has_ivar else ()))
 
     def __len__(self) -> int:
         return len(self._source)
 
     def batch(self, indices) -> dict[str, np.ndarray]:
-        raw = pipeline.read_records(self._source, indices, ("spectrum", "redshift"))
+        raw = pipeline.read_records(self._source, indices, self._fields)
         z = raw["redshift"].astype(np.float32)
-        y, w, _ = spender_inputs.normalise(raw["spectrum"], self._weights, z, self._wave)
+        w = spender_inputs.weights(raw.get("ivar"), self._grid)
+        y, w, _ = spender_inputs.normalise(raw["spectrum"], w, z, self._wave)
         return {"spectrum": y, "weights": w, "z": z}
 
 
