@@ -201,6 +201,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # MoCo v2 (configs/moco.py).
         model.spectrum_tower.weights = _shipped_tower("spender_small_synthetic")
         model.image_tower.weights = _shipped_tower("resnet_small_synthetic")
+        model.image_head.hidden = (512,)  # the small tower's MoCo head, which seeds the image head
     if arg == "desi":
         data.name = "astroclip_desi"
         data.builder_config = "provabgs"  # all pairs, plus PROVABGS properties for evaluation

@@ -138,3 +138,10 @@ def test_default_config_names_the_shipped_pretrained_image_tower():
     # what that command's default runs: one epoch of 102 steps of 128 on the 13,107 training images
     assert tw.source["step"] == 13107 // moco.train.batch_size * moco.train.epochs
     assert {"fc_0", "fc_2"} <= set(tw.variables["params"])
+    # The default model builds on it, its image head seeded by the tower's MoCo head.
+    default = config("spender.py")
+    default.data.data_dir = cli_runs.DATA_DIR  # resolving reads no dataset; keep it off $HOME
+    _, params = astroclip.build(settings_lib.resolve(default).model, jax.random.PRNGKey(0))
+    for layer in ("fc_0", "fc_2"):
+        np.testing.assert_array_equal(np.asarray(params["image_head"]["params"][layer]["kernel"]),
+                                      tw.variables["params"][layer]["kernel"])
