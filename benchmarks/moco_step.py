@@ -36,17 +36,17 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import runpy
 import subprocess
 import sys
 import tempfile
-import time
 from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+
+from benchmarks import measure  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CROP = 96  # configs/moco.py's moco.crop
@@ -79,29 +79,6 @@ def _inputs(path: str, batch: int, steps: int, queue_size: int, dim: int) -> Non
              flux=(0.05 * rng.lognormal(size=(batch, FLUX_SIZE, FLUX_SIZE, 3))).astype(np.float32),
              queue=(queue / np.linalg.norm(queue, axis=1, keepdims=True)).astype(np.float32),
              perms=np.stack([_key_permutation(t, batch) for t in range(steps + 1)]))
-
-
-def _peak_mb(device_peak_bytes: float | None = None) -> dict:
-    """Peak resident host memory of this process, and the accelerator's peak when there is one.
-    VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child would report
-    at least the parent's peak (here the parent's torch, JAX and converter)."""
-    try:
-        with open("/proc/self/status") as f:
-            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"peak_mb": kb / 1024}
-    if device_peak_bytes:
-        out["device_peak_mb"] = device_peak_bytes / 2**20
-    return out
-
-
-def _timed(step, steps: int) -> tuple[list[float], float]:
-    """Runs step(t) for t = 0 (warm-up, compile) .. steps; (losses, seconds of steps 1..)."""
-    losses = [step(0)]
-    t0 = time.perf_counter()
-    losses += [step(t) for t in range(1, steps + 1)]
-    return [float(x) for x in losses], time.perf_counter() - t0
 
 
 def run_torch(spec: dict, files: dict, steps: int, device: str, dtype=None) -> dict:
@@ -153,10 +130,10 @@ def run_torch(spec: dict, files: dict, steps: int, device: str, dtype=None) -> d
         ptr = (ptr + n) % queue.shape[1]
         return float(loss.detach())
 
-    losses, dt = _timed(step, steps)
+    losses, dt = measure.timed(step, steps)
     cuda = device.startswith("cuda")
     return {"losses": losses, "pairs_per_s": steps * n / dt,
-            **_peak_mb(torch.cuda.max_memory_allocated() if cuda else None)}
+            **measure.peak_mb(torch.cuda.max_memory_allocated() if cuda else None)}
 
 
 def run_jax(spec: dict, files: dict, steps: int, augment: bool) -> dict:
@@ -201,10 +178,10 @@ def run_jax(spec: dict, files: dict, steps: int, augment: bool) -> dict:
         state, metrics = jitted(state, *args)
         return metrics["loss"]
 
-    losses, dt = _timed(lambda t: jax.block_until_ready(step(t)), steps)
+    losses, dt = measure.timed(lambda t: jax.block_until_ready(step(t)), steps)
     device_stats = jax.local_devices()[0].memory_stats() or {}  # None on CPU
     return {"losses": losses, "pairs_per_s": steps * views.shape[1] / dt,
-            **_peak_mb(device_stats.get("peak_bytes_in_use"))}
+            **measure.peak_mb(device_stats.get("peak_bytes_in_use"))}
 
 
 def _child(args) -> None:

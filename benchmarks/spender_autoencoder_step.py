@@ -8,7 +8,7 @@ For each size (encoder `models.spender.SIZES`, decoder `DECODER_SIZES`, DESI gri
 synthetic-like spectra, weights, redshifts) the fidelity losses are checked equal first (1e-5
 relative), then one step = fidelity loss, gradients, global-norm clip 1.0, Adam (lr 1e-3, eps
 1e-4), as train_DESI.py, timed over --steps after a warm-up. Each framework runs in its own
-subprocess, so its peak resident memory (ru_maxrss) is its own. Prints spectra/s and peak MB.
+subprocess, so its peak resident memory (VmHWM, `measure.peak_mb`) is its own. Prints spectra/s and peak MB.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+
+from benchmarks import measure  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,13 +87,8 @@ def run_torch(hub: str, size: str, batch: int, steps: int) -> dict:
         opt.zero_grad()
         return float(loss)
 
-    first = step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    dt = time.perf_counter() - t0
-    return {"loss": first, "spectra_per_s": steps * batch / dt,
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    losses, dt = measure.timed(lambda t: step(), steps)
+    return {"loss": losses[0], "spectra_per_s": steps * batch / dt, **measure.peak_mb()}
 
 
 def run_jax(tower: str, batch: int, steps: int) -> dict:
@@ -112,16 +107,15 @@ def run_jax(tower: str, batch: int, steps: int) -> dict:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    opt_state = tx.init(params)
-    params, opt_state, first = step(params, opt_state)
-    first = float(first)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        params, opt_state, loss = step(params, opt_state)
-    jax.block_until_ready(loss)
-    dt = time.perf_counter() - t0
-    return {"loss": first, "spectra_per_s": steps * batch / dt,
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    state = (params, tx.init(params))
+
+    def one(t: int) -> float:
+        nonlocal state
+        *state, loss = step(*state)
+        return float(loss)  # waits for the step
+
+    losses, dt = measure.timed(one, steps)
+    return {"loss": losses[0], "spectra_per_s": steps * batch / dt, **measure.peak_mb()}
 
 
 def _child(args) -> None:
