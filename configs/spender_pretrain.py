@@ -13,26 +13,18 @@ Variants: "" (synthetic default, small towers), "smoke" (tiny, seconds), "desi" 
 file, full-size Spender, 512 batch). Everything else is configs/spender.py's (data, splits).
 """
 
-import importlib.util
 import os
+import runpy
 
 import ml_collections
-
-
-def _base_config_module():
-    """configs/spender.py, loaded by path (the name `spender` is also the PyPI package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spender.py")
-    spec = importlib.util.spec_from_file_location("astroclip_configs_spender", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """arg: "" (synthetic default), "desi" (real data, full size) or "smoke"."""
     if arg not in ("", "desi", "smoke"):
         raise ValueError(f"unknown config variant {arg!r}; expected '', 'desi' or 'smoke'")
-    c = _base_config_module().get_config(arg)
+    base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spender.py")
+    c = runpy.run_path(base)["get_config"](arg)  # by path: `spender` is also a PyPI package
     c.spender_pretrain = p = ml_collections.ConfigDict()
     p.encoder_size = c.model.spectrum_tower.size  # the size the contrastive run uses
     p.decoder_size = {"": "small", "desi": "spender", "smoke": "test"}[arg]

@@ -255,14 +255,9 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False,
         return tower_weights.save_tower(output_dir, KIND, config, variables, extras=extras,
                                         source=source, overwrite=overwrite)
     dec_config, dec_flat, dec_extras = decoder
-    # One atomic directory for both: a failure leaves neither half behind.
-    with files.atomic_directory(output_dir) as tmp:
-        tower_weights.save_tower(tmp, KIND, config, variables, extras=extras, source=source,
-                                 overwrite=True)
-        autoencoder_model.save_decoder(tmp, dec_config, tower_weights.unflatten(dec_flat),
-                                       dec_extras.pop("wave_rest"), dec_extras.pop("lsf", None),
-                                       source, extras=dec_extras)
-    return os.path.abspath(output_dir)
+    return autoencoder_model.save_autoencoder(
+        output_dir, (config, variables, extras),
+        (dec_config, tower_weights.unflatten(dec_flat), dec_extras), source)
 
 
 def main(argv=None) -> None:

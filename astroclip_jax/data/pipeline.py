@@ -216,6 +216,15 @@ class EvalLoader:
         return iter(_to_iter(self._dataset, self._data, self._prefetch))
 
 
+def pad_rows(x, rows: int) -> np.ndarray:
+    """`x` zero-padded to `rows` rows (itself when it has them): one compiled shape for every
+    batch, the last one included."""
+    x = np.asarray(x)
+    if len(x) == rows:
+        return x
+    return np.concatenate([x, np.zeros((rows - len(x),) + x.shape[1:], x.dtype)])
+
+
 def _pad(batch: dict, size: int, valid: int) -> dict:
     """The first `valid` rows of `batch`, padded to `size` rows."""
     fill = {"targetid": -1, "redshift": np.nan, "z_hp": np.nan, "log_mstar": np.nan,

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from astroclip_jax import files
 from astroclip_jax.errors import MissingInput
 from astroclip_jax.flat_tree import SEP, flatten, unflatten
 from astroclip_jax.models import spender, tower_weights
@@ -246,15 +247,18 @@ DECODER_DIR = "decoder"  # sub-directory of a spender tower directory holding th
 DECODER_KIND = "spender_decoder"
 
 
-def save_decoder(tower_dir: str, config: dict[str, Any], variables: Params,
-                 wave_rest: np.ndarray, lsf: np.ndarray | None, source: dict[str, Any],
-                 extras: dict[str, np.ndarray] | None = None) -> str:
-    """The decoder of a spender tower directory, as its own (nested) tower directory."""
-    extras = {**(extras or {}), "wave_rest": np.asarray(wave_rest)}
-    if lsf is not None:
-        extras["lsf"] = np.asarray(lsf)
-    return tower_weights.save_tower(os.path.join(tower_dir, DECODER_DIR), DECODER_KIND, config,
-                                    variables, extras=extras, source=source, overwrite=True)
+def save_autoencoder(out_dir: str, encoder: tuple[dict[str, Any], Params, dict[str, np.ndarray]],
+                     decoder: tuple[dict[str, Any], Params, dict[str, np.ndarray]],
+                     source: dict[str, Any]) -> str:
+    """A spender tower directory with its decoder: the encoder (kind "spender"; extras such as
+    wave_obs) and `decoder/` (extras wave_rest, and lsf where the instrument has one), each
+    given as (config, variables, extras), in one atomic directory: a failure leaves neither."""
+    with files.atomic_directory(out_dir) as tmp:
+        for sub, kind, (config, variables, extras) in (("", "spender", encoder),
+                                                        (DECODER_DIR, DECODER_KIND, decoder)):
+            tower_weights.save_tower(os.path.join(tmp, sub), kind, config, variables,
+                                     extras=extras, source=source, overwrite=True)
+    return os.path.abspath(out_dir)
 
 
 def load_autoencoder(tower_dir: str) -> tuple[Autoencoder, Params]:

@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
-from astroclip_jax import files
+from astroclip_jax import files, processes
 from astroclip_jax.errors import DamagedCheckpoint, MissingInput
 
 CHECKPOINT_DIR = "checkpoints"
@@ -144,10 +144,7 @@ class Checkpointer:
                     target, n = os.path.join(aside, f"{step}.{n}"), n + 1
                 shutil.move(os.path.join(self.directory, str(step)), target)
                 logging.warning("checkpoint step %d set aside in %s", step, target)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("damaged checkpoints set aside")
+        processes.barrier("damaged checkpoints set aside")
 
     def latest_step(self) -> int | None:
         """The newest intact step."""

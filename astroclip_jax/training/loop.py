@@ -43,6 +43,10 @@ from astroclip_jax.training import sharding
 Metrics = dict[str, Any]
 
 
+def _schedule_unchanged(state, schedule, validation):
+    return state, schedule
+
+
 @dataclasses.dataclass(frozen=True)
 class Trainer:
     """What a trainer hands to `run`.
@@ -55,8 +59,9 @@ class Trainer:
       train_step: (state, step input) -> (state, metrics); metrics hold "loss", "accuracy"
         and "learning_rate".
       validate: state -> {"loss": ..., ...} on the validation split.
-      initial_schedule: the JSON-able schedule state of a fresh run.
-      end_of_epoch: (state, schedule, validation metrics) -> (state, schedule).
+      initial_schedule: the JSON-able schedule state of a fresh run (default: none).
+      end_of_epoch: (state, schedule, validation metrics) -> (state, schedule) (default: both
+        unchanged; the contrastive trainer's ReduceLROnPlateau is the one that uses it).
       plot_curves: (metrics.jsonl path, PNG path) -> None, the end-of-run figure; None draws
         the contrastive one (InfoNCE with its chance level and the paper's curves).
     """
@@ -67,8 +72,9 @@ class Trainer:
     batches: Callable[[int], ContextManager[Iterator[Any]]]
     train_step: Callable[[Any, Any], tuple[Any, Metrics]]
     validate: Callable[[Any], dict[str, float]]
-    initial_schedule: dict[str, Any]
-    end_of_epoch: Callable[[Any, dict[str, Any], dict[str, float]], tuple[Any, dict[str, Any]]]
+    initial_schedule: dict[str, Any] = dataclasses.field(default_factory=dict)
+    end_of_epoch: Callable[[Any, dict[str, Any], dict[str, float]],
+                           tuple[Any, dict[str, Any]]] = _schedule_unchanged
     plot_curves: Callable[[str, str], Any] | None = None
     extra_metrics: tuple[str, ...] = ()  # step metrics also recorded per epoch as train/<name>
     chance_loss: float | None = None  # the loss of a blind guess, shown in the epoch log line
@@ -111,10 +117,7 @@ def prepare_data(data: settings_lib.DataSettings) -> None:
                           "dataset there first, then train")
     if is_main_process():
         prepare_lib.prepare(data)  # no-op when prepared
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("dataset prepared")
+    processes.barrier("dataset prepared")
 
 
 CHANGES_FILE = "config_changes.jsonl"

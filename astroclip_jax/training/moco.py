@@ -221,8 +221,7 @@ def _train(config_json, settings, p, workdir, train, mesh):
         steps_per_epoch=spe, batches=batches,
         train_step=lambda state, images: step(state, sharding.shard_batch(
             {"image": images}, mesh)["image"]),
-        validate=validate, initial_schedule={},
-        end_of_epoch=lambda state, schedule_, val: (state, schedule_),
+        validate=validate,
         plot_curves=lambda path, png: plot_curves(path, png, p.queue_size),
         chance_loss=float(np.log(1 + p.queue_size)))
     state = loop.run(trainer, train, workdir, config_json)

@@ -36,7 +36,6 @@ from astroclip_jax.data import pipeline, spender_inputs
 from astroclip_jax.errors import ConfigError
 from astroclip_jax.models import spender as spender_model
 from astroclip_jax.models import spender_autoencoder as ae
-from astroclip_jax.models import tower_weights
 from astroclip_jax.training import loop, optimizer, sharding, spender_losses
 from astroclip_jax.training import metrics as metrics_lib
 
@@ -210,8 +209,7 @@ def _train(config, settings, p, workdir):
     trainer = loop.Trainer(
         abstract_state=abstract, init_state=lambda: init_state(params, state_rng),
         steps_per_epoch=spe, batches=batches, train_step=train_step,
-        validate=lambda state: validate(state.params), initial_schedule={},
-        end_of_epoch=lambda state, schedule, val: (state, schedule),
+        validate=lambda state: validate(state.params),
         plot_curves=plot_curves, extra_metrics=_parts(p))
     state = loop.run(trainer, train, workdir, settings_lib.config_json(config))
     if loop.is_main_process():
@@ -292,9 +290,9 @@ def write_tower(out_dir: str, model: ae.Autoencoder, params, source: dict[str, A
                        n_latent=model.encoder.n_latent, dropout=model.encoder.dropout).items()}
     dec_config = dict(n_rest=model.decoder.n_rest, hidden=list(model.decoder.hidden),
                       activation=model.decoder.activation)
-    with files.atomic_directory(out_dir) as tmp:
-        tower_weights.save_tower(tmp, "spender", enc_config, host["encoder"],
-                                 extras={"wave_obs": np.asarray(model.wave_obs)}, source=source,
-                                 overwrite=True)
-        ae.save_decoder(tmp, dec_config, host["decoder"], model.wave_rest, model.lsf, source)
+    dec_extras = {"wave_rest": np.asarray(model.wave_rest),
+                  **({} if model.lsf is None else {"lsf": np.asarray(model.lsf)})}
+    ae.save_autoencoder(out_dir,
+                        (enc_config, host["encoder"], {"wave_obs": np.asarray(model.wave_obs)}),
+                        (dec_config, host["decoder"], dec_extras), source)
     return out_dir

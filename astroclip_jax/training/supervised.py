@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.data import pipeline
@@ -85,7 +87,7 @@ def make_train_step(module: nn.Module, tx, fixed) -> Callable:
         loss, grads = jax.value_and_grad(mse, argnums=1)(module, state.params, fixed,
                                                          batch["x"], batch["y"])
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+        params = optax.apply_updates(state.params, updates)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new, {"loss": loss, "accuracy": 1.0 - loss,
                      "learning_rate": optimizer.learning_rate(state)}
@@ -160,7 +162,7 @@ def build_trainer(module: nn.Module, rows: Rows, train: settings_lib.TrainSettin
         def batch_at(step):
             idx = pipeline.step_indices(n, seed, step, batch)
             return {"x": rows.x_train[idx], "y": rows.y_train[idx]}
-        return loop.no_cleanup(batch_at(s) for s in _count(start_step))
+        return loop.no_cleanup(batch_at(s) for s in itertools.count(start_step))
 
     def validate(state):
         # Padded chunks, each weighted by its real rows (one compiled shape).
@@ -168,28 +170,15 @@ def build_trainer(module: nn.Module, rows: Rows, train: settings_lib.TrainSettin
         for i in range(0, len(rows.x_val), batch):
             x, y = rows.x_val[i:i + batch], rows.y_val[i:i + batch]
             w = np.arange(batch) < len(x)
-            total += float(loss_fn(state.params, _pad_to(x, batch), _pad_to(y, batch), w))
+            total += float(loss_fn(state.params, pipeline.pad_rows(x, batch), pipeline.pad_rows(y, batch), w))
         loss = total / (len(rows.x_val) * rows.y_val.shape[1])
         return {"loss": loss, "accuracy": 1.0 - loss}
 
     trainer = loop.Trainer(
         abstract_state=abstract, init_state=lambda: init(params, state_rng),
         steps_per_epoch=pipeline.steps_per_epoch(n, batch), batches=batches,
-        train_step=step_fn, validate=validate, initial_schedule={},
-        end_of_epoch=lambda state, schedule, val: (state, schedule), plot_curves=_plot_mse)
+        train_step=step_fn, validate=validate, plot_curves=_plot_mse)
     return trainer, fixed, abstract
-
-
-def _pad_to(x: np.ndarray, rows: int) -> np.ndarray:
-    """`x` zero-padded to `rows` rows (one compiled shape for every chunk)."""
-    return np.concatenate([x, np.zeros((rows - len(x),) + x.shape[1:], x.dtype)])
-
-
-def _count(start: int):
-    step = start
-    while True:
-        yield step
-        step += 1
 
 
 def train_and_predict(modality: str, rows: Rows, query_x: np.ndarray,
@@ -218,7 +207,7 @@ def train_and_predict(modality: str, rows: Rows, query_x: np.ndarray,
     finally:
         ckpt.close()
     predict = jax.jit(lambda p, x: module.apply({"params": p, **fixed}, x))
-    pred = np.concatenate([np.asarray(predict(state.params, _pad_to(query_x[i:i + batch], batch)))
+    pred = np.concatenate([np.asarray(predict(state.params, pipeline.pad_rows(query_x[i:i + batch], batch)))
                            for i in range(0, len(query_x), batch)])[:len(query_x)]
     summary = {"best_step": int(best), "best_epoch": int(meta["epoch"]),
                "val_mse": float(meta["val_loss"]), "epochs": epochs,
