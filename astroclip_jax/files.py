@@ -113,18 +113,19 @@ def sha256_file(path: str) -> str:
 # atomically, so its presence means the directory was finished, and its entries catch a file
 # that was truncated, altered or removed since.
 
-def _files_under(directory: str, table_file: str) -> list[str]:
+def files_under(directory: str, leave_out: str | None = None) -> list[str]:
+    """Relative paths of every file under `directory` (but `leave_out`), sorted."""
     found = []
     for folder, _, names in os.walk(directory):
         found += [os.path.relpath(os.path.join(folder, n), directory) for n in names]
-    return sorted(rel for rel in found if rel != table_file)
+    return sorted(rel for rel in found if rel != leave_out)
 
 
 def seal(directory: str, table_file: str = "checksums.json") -> None:
     """Record the size and sha256 of every file under `directory` in `table_file`, atomically."""
     table = {rel: [os.path.getsize(os.path.join(directory, rel)),
                    sha256_file(os.path.join(directory, rel))]
-             for rel in _files_under(directory, table_file)}
+             for rel in files_under(directory, table_file)}
     with atomic_path(os.path.join(directory, table_file)) as tmp, open(tmp, "w") as f:
         json.dump(table, f, indent=0, sort_keys=True)
 

@@ -97,10 +97,10 @@ def write_embeddings(path: str, arrays, meta, key: str, chunk_rows: int | None =
     embedding_files.write_manifest(path, key, meta, chunks)
 
 
-def read_embeddings(path: str):
+def read_embeddings(path: str, verify: bool = True):
     """(arrays, meta, key) of a table, all rows in memory, every chunk verified against its
-    checksum (DataError naming the file otherwise)."""
-    return embedding_files.read_table(path)
+    checksum (DataError naming the file otherwise) unless `verify=False`."""
+    return embedding_files.read_table(path, verify_each=verify)
 
 
 def iter_embedding_chunks(path: str, columns: Sequence[str] | None = None
@@ -266,12 +266,6 @@ def _host_inputs(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
     return out
 
 
-def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
-    if len(x) == size:
-        return x
-    return np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x.dtype)])
-
-
 class _ChunkEmbedder:
     """Embeds row ranges on this process's devices: a batch per call, padded to one shape."""
 
@@ -305,7 +299,7 @@ class _ChunkEmbedder:
     def chunk(self, start: int, stop: int, bar) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {}
         for count, batch in self.batches(start, stop):
-            model_inputs = {k: sharding.shard_batch({k: _pad_rows(batch[k], self.batch_size)},
+            model_inputs = {k: sharding.shard_batch({k: pipeline.pad_rows(batch[k], self.batch_size)},
                                                     self.mesh)[k]
                             for k in self.rows.modalities}
             out = {k: np.asarray(v)[:count].astype(np.float32)
@@ -437,7 +431,9 @@ def load_or_compute_embeddings(settings: settings_lib.RunSettings, workdir: str)
     (the evaluators' input at evaluation scale; survey-scale readers use
     `iter_embedding_chunks` on `ensure_embeddings`' directory)."""
     directory, _, data = ensure_embeddings(settings, workdir)
-    arrays, meta, _ = read_embeddings(directory)
+    # ensure_embeddings has just verified every chunk (a reused table) or sealed the table
+    # from the files it wrote: hashing each chunk again would only double the reading.
+    arrays, meta, _ = read_embeddings(directory, verify=False)
     return arrays, meta, data
 
 
@@ -451,10 +447,7 @@ def read_examples(data: DataSettings, split: str, rows, image_size: int):
     from astroclip_jax.evaluation import plots
 
     raw = pipeline.read_records(pipeline.data_source(data, split), rows, ("image", "spectrum"))
-    images = raw["image"]
-    if data.image_crop:  # the host crop, then the model's own (as the towers saw them)
-        images = preprocess.center_crop(images, data.image_crop)
-    images = plots.display_rgb(preprocess.center_crop(images, image_size))
+    images = plots.display_cutouts(raw["image"], data.image_crop, image_size)
     spectra, _ = preprocess.preprocess_spectra(raw["spectrum"], data)
     return {"image": images, "spectrum": spectra, "wave": wavelength_grids.wave(data.grid)}
 

@@ -162,11 +162,12 @@ def iter_chunks(directory: str, columns: Sequence[str] | None = None, verify_eac
         yield {n: _from_arrow(table.column(n), *shapes[n]) for n in names}
 
 
-def read_table(directory: str, columns: Sequence[str] | None = None
+def read_table(directory: str, columns: Sequence[str] | None = None, verify_each: bool = True,
                ) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:
-    """(arrays, meta, key) of a sealed directory, all rows in memory, verified."""
+    """(arrays, meta, key) of a sealed directory, all rows in memory, verified (unless the
+    caller has just verified or sealed it: `verify_each=False`)."""
     manifest = read_manifest(directory)
-    parts = list(iter_chunks(directory, columns))
+    parts = list(iter_chunks(directory, columns, verify_each))
     shapes = manifest["columns"]
     names = list(shapes) if columns is None else list(columns)
     arrays = {n: (np.concatenate([p[n] for p in parts]) if parts else

@@ -99,14 +99,6 @@ def _numpy(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
-def _files(folder: str) -> list[str]:
-    """Relative paths of the files under `folder`, sorted."""
-    out = []
-    for root, _, names in os.walk(folder):
-        out += [os.path.relpath(os.path.join(root, n), folder) for n in names]
-    return sorted(out)
-
-
 def run(config, workdir: str) -> str:
     """``--mode=export``: `workdir/export/` from the `eval.checkpoint` checkpoint."""
     settings = settings_lib.resolve(config)
@@ -119,7 +111,7 @@ def run(config, workdir: str) -> str:
         files.remove_leftovers(os.path.abspath(workdir), (EXPORT_DIR,))
         write_export(trained, out, source={"workdir": os.path.abspath(workdir),
                                            "checkpoint": trained.checkpoint_dir})
-    size = sum(os.path.getsize(os.path.join(out, f)) for f in _files(out))
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in files.files_under(out))
     print(f"export: wrote {out} (checkpoint step {trained.step}, {size / 2**20:.1f} MiB); "
           f"open it with astroclip_jax.evaluation.restore.load_embedder({out!r})")
     return out

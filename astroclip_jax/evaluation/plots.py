@@ -35,6 +35,18 @@ def lupton_rgb(image, stretch=None, q=8.0):
     return np.clip(out / (top if top > 0 else 1.0), 0.0, 1.0)
 
 
+def display_cutouts(raw, image_crop: int, image_size: int) -> np.ndarray:
+    """RGB in [0, 1] of (..., S, S, 3) raw g, r, z cutouts as the towers saw them: the host
+    crop (`image_crop`, 0: none), then the model's own (`image_size`), in `display_rgb`'s
+    rendering. What every figure and the search page show."""
+    from astroclip_jax.data.preprocess import center_crop
+
+    images = np.asarray(raw, np.float32)
+    if image_crop:
+        images = center_crop(images, image_crop)
+    return display_rgb(center_crop(images, image_size))
+
+
 def display_rgb(flux, method="stein"):
     """RGB in [0, 1] of (..., H, W, 3) g, r, z flux images for figures.
 

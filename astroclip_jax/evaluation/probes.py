@@ -32,6 +32,7 @@ import optax
 from sklearn.metrics import accuracy_score, r2_score, roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 
+from astroclip_jax.data import pipeline
 from astroclip_jax.evaluation import knn
 
 
@@ -219,11 +220,6 @@ def _keep_better(better, new, old):
         lambda a, b: jnp.where(better.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
 
 
-def _pad_rows(a, rows: int):
-    a = np.asarray(a)
-    return np.concatenate([a, np.zeros((rows - len(a),) + a.shape[1:], a.dtype)])
-
-
 def train_mlps(x_train, y_train, x_val, y_val, out: int, cfg: MLPConfig, seed: int,
                classify: bool = False, pad_to: int | None = None):
     """Train M independent MLPs side by side; y (M, N) per model (float targets or int class
@@ -238,10 +234,10 @@ def train_mlps(x_train, y_train, x_val, y_val, out: int, cfg: MLPConfig, seed: i
     y_dtype = np.int32 if classify else np.float32
     n, n_val, n_models = len(x_train), len(x_val), np.shape(y_train)[0]
     rows = max(pad_to or 0, n, n_val)
-    x_dev = jnp.asarray(_pad_rows(np.asarray(x_train, np.float32), rows))
-    y_dev = jnp.asarray(_pad_rows(np.asarray(y_train, y_dtype).T, rows).T)
-    xv = jnp.asarray(_pad_rows(np.asarray(x_val, np.float32), rows))
-    yv = jnp.asarray(_pad_rows(np.asarray(y_val, y_dtype).T, rows).T)
+    x_dev = jnp.asarray(pipeline.pad_rows(np.asarray(x_train, np.float32), rows))
+    y_dev = jnp.asarray(pipeline.pad_rows(np.asarray(y_train, y_dtype).T, rows).T)
+    xv = jnp.asarray(pipeline.pad_rows(np.asarray(x_val, np.float32), rows))
+    yv = jnp.asarray(pipeline.pad_rows(np.asarray(y_val, y_dtype).T, rows).T)
     wv = jnp.asarray(np.arange(rows) < n_val, jnp.float32)
     key = jax.random.PRNGKey(seed)
     params = _init(module, n_models, jax.random.fold_in(key, 0), x_dev[:1])

@@ -24,6 +24,7 @@ import numpy as np
 
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.errors import ConfigError
+from astroclip_jax.evaluation import embed
 from astroclip_jax.evaluation import index as index_lib
 from astroclip_jax.evaluation import plots, runner
 
@@ -241,6 +242,10 @@ def run(config, workdir):
     settings = settings_lib.resolve(config)
 
     def report_with_index(inputs):
-        return report(inputs, index_topk(index_lib.open_run_index(settings, workdir)))
+        # The table the runner has just ensured and read: open (or build) its index without
+        # restoring the checkpoint and checking the table a second time.
+        table = embed.embeddings_path(workdir, inputs.meta["split"])
+        run_index = index_lib.open_or_build(table, embed.embedding_manifest(table), settings)
+        return report(inputs, index_topk(run_index))
 
     return runner.run_evaluator(config, workdir, "search", report_with_index)["scores"]

@@ -7,20 +7,9 @@ import io
 
 import numpy as np
 
-from astroclip_jax.data import preprocess
-from astroclip_jax.evaluation import plots
 
 SPECTRUM_POINTS = 300  # bins drawn: enough for lines, small enough for a 240-px plot
 _W, _H, _PAD = 240, 90, 14
-
-
-def display_cutout(raw, image_crop: int, image_size: int) -> np.ndarray:
-    """(S, S, 3) RGB in [0, 1] of a raw g, r, z cutout: cropped as the towers saw it, in the
-    figures' rendering (`plots.display_rgb`, Stein's RGB)."""
-    image = np.asarray(raw, np.float32)
-    if image_crop:
-        image = preprocess.center_crop(image, image_crop)
-    return plots.display_rgb(preprocess.center_crop(image, image_size))
 
 
 def png(rgb: np.ndarray) -> bytes:

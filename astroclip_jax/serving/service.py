@@ -22,7 +22,7 @@ import numpy as np
 from astroclip_jax import settings as settings_lib
 from astroclip_jax import wavelength_grids
 from astroclip_jax.data import pipeline, preprocess
-from astroclip_jax.evaluation import embed, restore, search
+from astroclip_jax.evaluation import embed, plots, restore, search
 from astroclip_jax.evaluation import index as index_lib
 from astroclip_jax.serving import queries, render
 
@@ -70,9 +70,14 @@ class Service:
                            f"{self.data.name}/{self.data.builder_config}")
         return row
 
-    def _record(self, row: int) -> dict[str, Any]:
+    def _record(self, row: int, fields: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The record of index row `row`: every field, or only `fields` decoded."""
+        record = int(self.index.columns["index"][row])
         with self._source_lock:
-            return self.source[int(self.index.columns["index"][row])]
+            if fields is None:
+                return self.source[record]
+            one = pipeline.read_records(self.source, [record], fields)
+        return {k: v[0] for k, v in one.items()}
 
     def galaxy(self, targetid: int) -> dict[str, Any]:
         """The catalogue of one galaxy: every scalar field of its record, and its pictures."""
@@ -85,12 +90,12 @@ class Service:
 
     @functools.lru_cache(maxsize=2048)
     def image_png(self, targetid: int) -> bytes:
-        raw = self._record(self.row(targetid))["image"]
-        return render.png(render.display_cutout(raw, self.data.image_crop, self.image_size))
+        raw = self._record(self.row(targetid), ("image",))["image"]
+        return render.png(plots.display_cutouts(raw, self.data.image_crop, self.image_size))
 
     @functools.lru_cache(maxsize=2048)
     def spectrum_svg(self, targetid: int) -> str:
-        raw = np.asarray(self._record(self.row(targetid))["spectrum"], np.float32)
+        raw = np.asarray(self._record(self.row(targetid), ("spectrum",))["spectrum"], np.float32)
         flux, _ = preprocess.preprocess_spectra(raw[None], self.data)
         return render.spectrum_svg(self.wave, flux[0])
 
@@ -164,7 +169,7 @@ class Service:
             image = queries.cutout(array, self.min_cutout)
             with self._model_lock:
                 vector = self.embedder.embed_images(image[None])
-            rgb = render.display_cutout(image, self.data.image_crop, self.image_size)
+            rgb = plots.display_cutouts(image, self.data.image_crop, self.image_size)
             return vector, {"source": "upload", "kind": "image",
                             "image": render.data_uri(render.png(rgb), "image/png")}
         length = self.embedder.trained.settings.model.spectrum_length
