@@ -17,18 +17,17 @@ from ml_collections import config_flags
 from astroclip_jax import locks, processes
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.errors import UserError
+from astroclip_jax.evaluation import registry
 
-# Each mode is `run(config, workdir)` in its own module, imported only when chosen.
+# Each mode is `run(settings, workdir)` in its own module, imported only when chosen; the
+# evaluation modes are run by the evaluator runner from its registry (evaluation/registry.py).
 MODES = {
     "prepare": "astroclip_jax.data.prepare",
     "train": "astroclip_jax.training.contrastive",
     "pretrain_spender": "astroclip_jax.training.spender_pretrain",
     "pretrain_moco": "astroclip_jax.training.moco",
     "embed": "astroclip_jax.evaluation.embed",
-    "eval_knn": "astroclip_jax.evaluation.knn",
-    "search": "astroclip_jax.evaluation.search",
-    "cluster": "astroclip_jax.evaluation.cluster",
-    "probe": "astroclip_jax.evaluation.probe",
+    **{mode: "astroclip_jax.evaluation.runner" for mode in registry.EVALUATORS},
     "export": "astroclip_jax.evaluation.export",
     "serve": "astroclip_jax.serving.app",
 }
@@ -85,16 +84,26 @@ def _override_named_in(message: str, argv) -> str:
     return named[0] if named else "a --config override"
 
 
+def run_mode(settings: settings_lib.RunSettings, mode: str, workdir: str) -> None:
+    """Import the mode's module (only now: after the lock) and run it."""
+    module = importlib.import_module(MODES[mode])
+    if mode in registry.EVALUATORS:
+        module.run(settings, workdir, mode)
+    else:
+        module.run(settings, workdir)
+
+
 def main(argv):
     del argv
     mode, workdir, config = flags.FLAGS.mode, flags.FLAGS.workdir, _loaded_config()
     try:
-        settings_lib.resolve(config)  # every setting checked before any work
-        if mode in WRITERS and not processes.wants_distributed(config.multihost):
-            with locks.DirectoryLock(workdir, WRITERS[mode]):
-                importlib.import_module(MODES[mode]).run(config, workdir)
-        else:
-            importlib.import_module(MODES[mode]).run(config, workdir)
+        settings = settings_lib.resolve(config, mode)  # once: every setting checked before any work
+        with locks.nothing_left_if_refused(workdir):
+            if mode in WRITERS and not processes.wants_distributed(settings.multihost):
+                with locks.DirectoryLock(workdir, WRITERS[mode]):
+                    run_mode(settings, mode, workdir)
+            else:
+                run_mode(settings, mode, workdir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

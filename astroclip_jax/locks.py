@@ -12,13 +12,14 @@ filesystems: runs on several hosts sharing one work directory must take turns by
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import socket
 import time
 
-from astroclip_jax.errors import Busy
+from astroclip_jax.errors import Busy, UserError
 
 
 class DirectoryLock:
@@ -85,3 +86,40 @@ def _read_holder(fd: int) -> str:
         return "another process"
     return (f"{info.get('purpose', 'another process')} (host {info.get('host')}, pid "
             f"{info.get('pid')}, since {info.get('since')})")
+
+
+@contextlib.contextmanager
+def nothing_left_if_refused(directory: str):
+    """A run refused (a UserError) in a directory that did not exist before it leaves no
+    directory behind: only lock files (and empty folders) are removed, never anything else."""
+    directory = os.path.abspath(directory)
+    existed = os.path.lexists(directory)
+    try:
+        yield
+    except UserError:
+        if not existed and _holds_only_locks(directory):
+            for root, dirs, names in os.walk(directory, topdown=False):
+                for name in names:
+                    os.remove(os.path.join(root, name))
+                os.rmdir(root)
+        raise
+
+
+def _holds_only_locks(directory: str) -> bool:
+    if not os.path.isdir(directory) or os.path.islink(directory):
+        return False
+    found = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    return all(os.path.basename(path).startswith(".lock-") and not _is_held(path)
+               for path in found)
+
+
+def _is_held(path: str) -> bool:
+    """Whether another process holds the lock file (a run that started meanwhile)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)

@@ -1,16 +1,19 @@
 """The config, resolved once per mode into frozen, typed settings that the code below receives.
 
-    settings = settings_lib.resolve(config)     # at the top of every mode's `run`
+    settings = settings_lib.resolve(config, mode)     # once, in main.py; modes get `settings`
     settings.data.image_crop, settings.model.image_size, settings.train.batch_size, ...
 
-Every default lives in the config file (`configs/spender.py`); nothing here or below invents
-one. A field the config lacks is an error that names it (`config field data.grid is missing`),
-and values are converted to the declared type (JSON turns tuples into lists, so a config read
-back from a checkpoint resolves to the same settings as the one that wrote it).
+One loop reads every section (`SECTIONS`: the section, its settings class, whether it is
+required); `MODE_SECTIONS` says which optional sections a mode needs. Every default lives in the
+config file (`configs/spender.py`); nothing here or below invents one. A field the config lacks
+is an error that names it (`config field data.grid is missing`), and values are converted to
+the declared type (JSON turns tuples into lists, so a config read back from a checkpoint
+resolves to the same settings as the one that wrote it).
 
-Every value is checked here too (sizes > 0, ranges, choices), so a mode stops with one line
-naming the field before any work; `changes_on_resume` says which fields may differ when a run
-is resumed.
+Every value is then checked against one table of rules (`RULES`: a dotted field -> its rules;
+ranges, choices, relations to other fields), so a mode stops with one line naming the field
+before anything is created, and a new section is one `SECTIONS` entry plus its rows in `RULES`.
+`changes_on_resume` says which fields may differ when a run is resumed.
 
 Derived values are computed here, once, instead of by each reader:
   model.image_size       the side of the images the towers see (augment.crop, else data.image_crop)
@@ -21,9 +24,10 @@ Derived values are computed here, once, instead of by each reader:
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from astroclip_jax import flat_tree, wavelength_grids
 from astroclip_jax.errors import ConfigError
@@ -270,12 +274,31 @@ class RunSettings:
     serve: ServeSettings | None = None
     spender_pretrain: SpenderPretrainSettings | None = None  # None likewise
     moco: MocoSettings | None = None  # None likewise
+    # The config these settings were resolved from, as JSON (what checkpoints store); not part
+    # of the settings' identity.
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False,
+                                                  repr=False)
 
 
 # Fields computed from others (not read from the config).
 _DERIVED = {"ModelSettings": ("grid", "image_size", "spectrum_length")}
 # Fields that live in another section of the config file than in the settings.
 _MOVED = {("ModelSettings", "logit_scale"): "train", ("ModelSettings", "learn_logit_scale"): "train"}
+
+# Every section of a config, read by one loop: (settings field, class, required). An optional
+# section is None when the config lacks it: the config of a checkpoint written before it existed
+# (the modes that need it say so, `MODE_SECTIONS`).
+SECTIONS = (("data", DataSettings, True), ("augment", AugmentSettings, True),
+            ("model", ModelSettings, True), ("feature_cache", FeatureCacheSettings, True),
+            ("train", TrainSettings, True), ("eval", EvalSettings, True),
+            ("probe", ProbeSettings, False), ("index", IndexSettings, False),
+            ("serve", ServeSettings, False), ("spender_pretrain", SpenderPretrainSettings, False),
+            ("moco", MocoSettings, False))
+
+# The optional sections each mode needs, and the config file that has them.
+MODE_SECTIONS = {"probe": ("probe",), "search": ("index",), "serve": ("index", "serve"),
+                 "pretrain_spender": ("spender_pretrain",), "pretrain_moco": ("moco",)}
+_SECTION_HOME = {"moco": "configs/moco.py", "spender_pretrain": "configs/spender_pretrain.py"}
 
 
 def _get(section: Any, name: str, where: str) -> Any:
@@ -303,13 +326,18 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"config field {where} must be True or False, got {value!r}")
         return value
     if hint in (int, float, str):
-        if value is None:
-            raise ConfigError(f"config field {where} must be a {hint.__name__}, got None")
+        if value is None or (hint is not str and isinstance(value, (bool, str))):
+            raise ConfigError(f"config field {where} must be a {hint.__name__}, got {value!r}")
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"config field {where} must be a whole number, got {value!r}")
         try:
-            return hint(value)
-        except (TypeError, ValueError):
+            converted = hint(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"config field {where} must be a {hint.__name__}, got {value!r}") \
                 from None
+        if hint is float and not math.isfinite(converted):
+            raise ConfigError(f"config field {where} must be a finite number, got {value!r}")
+        return converted
     raise TypeError(f"no conversion to {hint!r} for {where}")  # a bug in this module
 
 
@@ -326,153 +354,250 @@ def _read(cls: type, section: Any, where: str, root: Any = None) -> Any:
     return values
 
 
-def resolve(config: Mapping[str, Any]) -> RunSettings:
-    """The typed settings of a config (a ConfigDict, or the dict a checkpoint stores)."""
-    data = DataSettings(**_read(DataSettings, _get(config, "data", "config"), "data"))
-    if data.grid not in wavelength_grids.GRIDS:
-        raise ConfigError(f"config field data.grid is {data.grid!r}; expected one of "
-                          f"{sorted(wavelength_grids.GRIDS)}")
-    augment = AugmentSettings(**_read(AugmentSettings, _get(config, "augment", "config"),
-                                      "augment"))
-    model_section = _get(config, "model", "config")
-    model_values = _read(ModelSettings, model_section, "model", root=config)
-    model = ModelSettings(
-        **model_values, grid=data.grid, image_size=augment.crop or data.image_crop,
-        spectrum_length=len(wavelength_grids.wave(data.grid)))
-    if model.image_size <= 0:
-        raise ConfigError("config fields augment.crop and data.image_crop are both 0: the "
-                          "towers need a fixed image size")
-    train_values = _read(TrainSettings, _get(config, "train", "config"), "train")
-    if model.learn_logit_scale:  # a learned scale always trains
-        train_values["trainable"] += (r"logit_scale/.*",)
-    settings = RunSettings(
-        seed=_convert(_get(config, "seed", "config"), int, "seed"),
-        multihost=_convert(_get(config, "multihost", "config"), bool, "multihost"),
-        data=data, model=model, augment=augment,
-        feature_cache=FeatureCacheSettings(**_read(
-            FeatureCacheSettings, _get(config, "feature_cache", "config"), "feature_cache")),
-        train=TrainSettings(**train_values),
-        eval=EvalSettings(**_read(EvalSettings, _get(config, "eval", "config"), "eval")),
-        probe=(ProbeSettings(**_read(ProbeSettings, config["probe"], "probe"))
-               if "probe" in config else None),
-        index=(IndexSettings(**_read(IndexSettings, config["index"], "index"))
-               if "index" in config else None),
-        serve=(ServeSettings(**_read(ServeSettings, config["serve"], "serve"))
-               if "serve" in config else None),
-        spender_pretrain=(SpenderPretrainSettings(**_read(
-            SpenderPretrainSettings, config["spender_pretrain"], "spender_pretrain"))
-            if "spender_pretrain" in config else None),
-        moco=(MocoSettings(**_read(MocoSettings, config["moco"], "moco"))
-              if "moco" in config else None),
-    )
-    _validate(settings)
+def _derived(name: str, values: dict[str, Any], sections: Mapping[str, Any]) -> dict[str, Any]:
+    """A section's fields computed from the others (`_DERIVED`)."""
+    if name == "model":
+        data, augment = sections["data"], sections["augment"]
+        return {"grid": data.grid, "image_size": augment.crop or data.image_crop,
+                "spectrum_length": len(wavelength_grids.wave(data.grid))}
+    if name == "train" and sections["model"].learn_logit_scale:  # a learned scale always trains
+        return {"trainable": values["trainable"] + (r"logit_scale/.*",)}
+    return {}
+
+
+def resolve(config: Mapping[str, Any], mode: str | None = None) -> RunSettings:
+    """The typed settings of a config (a ConfigDict, or the dict a checkpoint stores), every
+    field checked against `RULES`; with `mode`, the optional sections that mode needs are
+    required too. Raises ConfigError naming the first field at fault."""
+    for name in MODE_SECTIONS.get(mode, ()):
+        if name not in config or config[name] is None:
+            home = _SECTION_HOME.get(name, "configs/spender.py")
+            raise ConfigError(f"config has no {name} section, which --mode={mode} needs: use "
+                              f"{home}")
+    sections: dict[str, Any] = {}
+    for name, cls, required in SECTIONS:
+        if not required and name not in config:
+            sections[name] = None
+            continue
+        values = _read(cls, _get(config, name, "config"), name, root=config)
+        if name == "data" and values["grid"] not in wavelength_grids.GRIDS:  # `_derived` reads it
+            raise ConfigError(f"config field data.grid is {values['grid']!r}; expected one of "
+                              f"{sorted(wavelength_grids.GRIDS)}")
+        sections[name] = cls(**{**values, **_derived(name, values, sections)})
+    settings = RunSettings(seed=_convert(_get(config, "seed", "config"), int, "seed"),
+                           multihost=_convert(_get(config, "multihost", "config"), bool,
+                                              "multihost"),
+                           **sections, config=config_json(config))
+    check(settings, mode)
     return settings
 
 
-# ------------------------------------------------------------------------------- validation
+# ------------------------------------------------------------------------------- the rules
+#
+# One table: a dotted field -> the rules its value must satisfy. A rule is (test, expected): the
+# test gets the value and the whole settings (for rules that relate two fields); `expected` ends
+# the message "config field NAME is VALUE; expected EXPECTED". A field of an absent optional
+# section is not checked. Tuple-valued fields are checked as a whole (`each` checks elements).
 
-# Fields that must be > 0, >= 0, or one of a few values: checked before any work starts.
-_POSITIVE = ("train.batch_size", "train.val_batch_size", "train.epochs", "train.learning_rate",
-             "train.keep_checkpoints", "train.log_every_steps", "eval.batch_size",
-             "eval.knn_neighbors", "eval.knn_holdout", "eval.search_k", "eval.search_queries",
-             "eval.umap_neighbors", "eval.dbscan_eps", "eval.dbscan_min_samples",
-             "eval.embed_chunk_rows",
-             "feature_cache.batch_size", "feature_cache.image_draws",
-             "feature_cache.spectrum_draws", "model.logit_scale", "model.image_head.out",
-             "model.spectrum_head.out")
-_NON_NEGATIVE = ("data.image_crop", "data.num_workers", "augment.crop", "augment.blur_sigma_max",
-                 "augment.noise_std_max", "augment.spectrum_noise_scale",
-                 "train.plateau_patience", "train.plateau_threshold")
-_CHOICES = {
-    "data.name": ("synthetic_desi", "astroclip_desi"),
-    "data.image_transform": ("stein_rgb", "raw"),
-    "data.spectrum_norm": ("zscore", "none"),
-    "data.nan_policy": ("raise", "mask"),
-    "data.duplicate_policy": ("raise", "drop"),
-    "eval.dbscan_scale": ("raw", "density"),
-    "feature_cache.dtype": ("float16", "float32"),
-    "model.image_tower.kind": ("resnet",),
-    "model.spectrum_tower.kind": ("spender",),
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    test: Callable[[Any, "RunSettings"], bool]
+    expected: str
+    # Imports a module to check: only for a mode that needs the field's section
+    # (MODE_SECTIONS), so other modes do not pay seconds of imports before their lock.
+    imports: bool = False
+
+
+def _plain(test: Callable[[Any], bool], expected: str) -> Rule:
+    return Rule(lambda value, _: test(value), expected)
+
+
+POSITIVE = _plain(lambda v: v > 0, "a value > 0")
+NON_NEGATIVE = _plain(lambda v: v >= 0, "a value >= 0")
+UNIT_OPEN = _plain(lambda v: 0 < v < 1, "a value in (0, 1)")  # fractions, factors
+MOMENTUM = _plain(lambda v: 0 <= v < 1, "a value in [0, 1)")  # Adam betas, EMA and SGD momenta
+NOT_EMPTY = _plain(lambda v: len(v) > 0, "at least one value")
+
+
+def one_of(*choices: Any) -> Rule:
+    return _plain(lambda v: v in choices, f"one of {list(choices)}")
+
+
+def each(rule: Rule) -> Rule:
+    return Rule(lambda values, s: all(rule.test(v, s) for v in values),
+                f"values each {rule.expected.removeprefix('a ')}")
+
+
+def at_most(field: str) -> Rule:
+    return Rule(lambda v, s: v <= _field(s, field), f"a value <= {field}")
+
+
+def at_least(field: str) -> Rule:
+    return Rule(lambda v, s: v >= _field(s, field), f"a value >= {field}")
+
+
+def multiple_of(field: str) -> Rule:
+    return Rule(lambda v, s: v > 0 and v % _field(s, field) == 0,
+                f"a positive multiple of {field}")
+
+
+def divisor_of(field: str) -> Rule:
+    return Rule(lambda v, s: v > 0 and _field(s, field) % v == 0,
+                f"a positive divisor of {field}")
+
+
+def names_in(module: str, attribute: str, subset: bool = False) -> Rule:
+    """A name (or, with `subset`, names) of a table the named module holds, e.g. a model's
+    `SIZES`. Imported when checked: those modules import these settings, so importing them
+    here at load time would be a circle."""
+    def table():
+        import importlib
+
+        return getattr(importlib.import_module(module), attribute)
+
+    if subset:
+        return Rule(lambda v, _: set(v) <= set(table()), f"names from {module}.{attribute}",
+                    imports=True)
+    return Rule(lambda v, _: v in table(), f"one of the names in {module}.{attribute}",
+                imports=True)
+
+
+RULES: dict[str, tuple[Rule, ...]] = {
+    "data.name": (one_of("synthetic_desi", "astroclip_desi"),),
+    "data.image_transform": (one_of("stein_rgb", "raw"),),
+    "data.spectrum_norm": (one_of("zscore", "none"),),
+    "data.nan_policy": (one_of("raise", "mask"),),
+    "data.duplicate_policy": (one_of("raise", "drop"),),
+    "data.image_crop": (NON_NEGATIVE,),
+    "data.num_workers": (NON_NEGATIVE,),
+    "model.image_tower.kind": (one_of("resnet"),),
+    "model.spectrum_tower.kind": (one_of("spender"),),
+    "model.image_size": (Rule(lambda v, _: v > 0, "augment.crop or data.image_crop > 0: the "
+                              "towers need a fixed image size"),),
+    "model.image_head.out": (POSITIVE,),
+    "model.image_head.hidden": (each(POSITIVE),),
+    "model.spectrum_head.out": (POSITIVE,),
+    "model.spectrum_head.hidden": (each(POSITIVE),),
+    "model.logit_scale": (POSITIVE,),
+    "augment.crop": (NON_NEGATIVE,),
+    "augment.blur_sigma_max": (NON_NEGATIVE,),
+    "augment.noise_std_max": (NON_NEGATIVE,),
+    "augment.spectrum_noise_scale": (NON_NEGATIVE,),
+    "feature_cache.image_draws": (POSITIVE,),
+    "feature_cache.spectrum_draws": (POSITIVE,),
+    "feature_cache.dtype": (one_of("float16", "float32"),),
+    "feature_cache.batch_size": (POSITIVE,),
+    "train.batch_size": (POSITIVE,),
+    "train.val_batch_size": (POSITIVE,),
+    "train.epochs": (POSITIVE,),
+    "train.learning_rate": (POSITIVE,),
+    "train.adam_b1": (MOMENTUM,),
+    "train.adam_b2": (MOMENTUM,),
+    "train.adam_eps": (POSITIVE,),
+    "train.plateau_factor": (UNIT_OPEN,),
+    "train.plateau_patience": (NON_NEGATIVE,),
+    "train.plateau_threshold": (NON_NEGATIVE,),
+    "train.keep_checkpoints": (POSITIVE,),
+    "train.log_every_steps": (POSITIVE,),
+    "eval.batch_size": (POSITIVE,),
+    "eval.checkpoint": (_plain(lambda v: v in ("best", "latest") or v.isdigit(),
+                               "'best', 'latest' or a step number"),),
+    "eval.knn_neighbors": (POSITIVE,),
+    "eval.knn_holdout": (POSITIVE,),
+    "eval.knn_holdout_fraction": (UNIT_OPEN,),
+    "eval.seed": (NON_NEGATIVE,),
+    "eval.search_k": (POSITIVE,),
+    "eval.search_queries": (POSITIVE,),
+    "eval.umap_neighbors": (POSITIVE,),
+    "eval.dbscan_eps": (POSITIVE,),
+    "eval.dbscan_min_samples": (POSITIVE,),
+    "eval.dbscan_scale": (one_of("raw", "density"),),
+    "eval.kmeans_k_min": (_plain(lambda v: v >= 2, "a value >= 2"),),
+    "eval.kmeans_k_max": (at_least("eval.kmeans_k_min"),),
+    "eval.embed_chunk_rows": (POSITIVE,),
+    "probe.feature_sets": (NOT_EMPTY, names_in("astroclip_jax.evaluation.probe", "FEATURE_SETS",
+                                                subset=True)),
+    "probe.curve_features": (names_in("astroclip_jax.evaluation.probe", "FEATURE_SETS",
+                                      subset=True),),
+    "probe.fractions": (NOT_EMPTY, each(_plain(lambda v: 0 < v <= 1, "a value in (0, 1]"))),
+    "probe.seeds": (NOT_EMPTY,),
+    "probe.knn_v2_neighbors": (POSITIVE,),
+    "probe.ridge_alphas": (NOT_EMPTY, each(POSITIVE)),
+    "probe.val_fraction": (UNIT_OPEN,),
+    "probe.mlp_hidden": (each(POSITIVE),),
+    "probe.mlp_dropout": (_plain(lambda v: 0 <= v < 1, "a value in [0, 1)"),),
+    "probe.mlp_learning_rate": (POSITIVE,),
+    "probe.mlp_batch_size": (POSITIVE,),
+    "probe.mlp_max_epochs": (POSITIVE,),
+    "probe.mlp_patience": (POSITIVE,),
+    "probe.supervised": (_plain(lambda v: set(v) <= {"image", "spectrum", "photometry"},
+                                "a subset of ('image', 'spectrum', 'photometry')"),),
+    "probe.supervised_epochs": (POSITIVE,),
+    "probe.supervised_photometry_epochs": (POSITIVE,),
+    "probe.supervised_batch_size": (POSITIVE,),
+    "probe.supervised_learning_rate": (POSITIVE,),
+    "index.exact_max": (POSITIVE,),
+    "index.pq_dims_per_code": (POSITIVE,),
+    "index.recall_target": (_plain(lambda v: 0 < v <= 1, "a value in (0, 1]"),),
+    "index.recall_queries": (POSITIVE,),
+    "index.k_factor_max": (POSITIVE,),
+    "index.train_rows": (POSITIVE,),
+    "serve.host": (_plain(bool, "a host name or address"),),
+    "serve.port": (_plain(lambda v: 0 <= v <= 65535, "a port in [0, 65535]"),),
+    "serve.max_k": (POSITIVE,),
+    "serve.k": (POSITIVE, at_most("serve.max_k")),
+    "serve.max_upload_bytes": (POSITIVE,),
+    "serve.duplicate_arcsec": (NON_NEGATIVE,),
+    "spender_pretrain.encoder_size": (names_in("astroclip_jax.models.spender", "SIZES"),),
+    "spender_pretrain.decoder_size": (names_in("astroclip_jax.models.spender_autoencoder",
+                                                "DECODER_SIZES"),),
+    "spender_pretrain.activation": (one_of("speculator", "leaky_relu"),),
+    "spender_pretrain.z_max": (POSITIVE,),
+    "spender_pretrain.restframe_bins": (_plain(lambda v: v == 0 or v >= 2,
+                                               "0 (the default grid) or at least 2 bins"),),
+    "spender_pretrain.clip_norm": (POSITIVE,),
+    "spender_pretrain.schedule_per": (one_of("epoch", "step"),),
+    "spender_pretrain.similarity_amp": (NON_NEGATIVE,),
+    "spender_pretrain.consistency_amp": (NON_NEGATIVE,),
+    "spender_pretrain.augment_z_max": (POSITIVE,),
+    "moco.size": (names_in("astroclip_jax.models.resnet", "SIZES"),),
+    "moco.queue_size": (multiple_of("train.batch_size"),),
+    "moco.temperature": (POSITIVE,),
+    "moco.encoder_momentum": (MOMENTUM,),
+    "moco.sgd_momentum": (MOMENTUM,),
+    "moco.weight_decay": (NON_NEGATIVE,),
+    "moco.cosine_epochs": (NON_NEGATIVE,),
+    "moco.bn_groups": (divisor_of("train.batch_size"),),
+    "moco.crop": (POSITIVE,),
+    # A view is cut from the input crop (the jitter shrinks to fit): it must not be larger.
+    "moco.input_crop": (Rule(lambda v, s: v == 0 or v >= s.moco.crop,
+                             "0 (the whole cutout) or a value >= moco.crop"),),
+    "moco.jitter": (NON_NEGATIVE,),
 }
 
 
-def _field(settings: RunSettings, name: str) -> Any:
+def _field(settings: Any, name: str) -> Any:
     value = settings
     for part in name.split("."):
         value = getattr(value, part)
     return value
 
 
-def _validate(settings: RunSettings) -> None:
-    for name in _POSITIVE:
-        if not _field(settings, name) > 0:
-            raise ConfigError(f"config field {name} is {_field(settings, name)!r}; it must be > 0")
-    for name in _NON_NEGATIVE:
-        if not _field(settings, name) >= 0:
-            raise ConfigError(f"config field {name} is {_field(settings, name)!r}; it must be >= 0")
-    for name, choices in _CHOICES.items():
-        if _field(settings, name) not in choices:
-            raise ConfigError(f"config field {name} is {_field(settings, name)!r}; expected one "
-                              f"of {list(choices)}")
-    if not 0 < settings.train.plateau_factor < 1:
-        raise ConfigError(f"config field train.plateau_factor is "
-                          f"{settings.train.plateau_factor!r}; it must be in (0, 1)")
-    if not 0 < settings.eval.knn_holdout_fraction < 1:
-        raise ConfigError(f"config field eval.knn_holdout_fraction is "
-                          f"{settings.eval.knn_holdout_fraction!r}; it must be in (0, 1)")
-    if settings.probe is not None:
-        _validate_probe(settings.probe)
-    _validate_index_and_serve(settings.index, settings.serve)
-    which = settings.eval.checkpoint
-    if which not in ("best", "latest") and not which.isdigit():
-        raise ConfigError(f"config field eval.checkpoint is {which!r}; expected 'best', "
-                          "'latest' or a step number")
-    if settings.eval.kmeans_k_min < 2 or settings.eval.kmeans_k_max < settings.eval.kmeans_k_min:
-        raise ConfigError(f"config fields eval.kmeans_k_min/kmeans_k_max are "
-                          f"{settings.eval.kmeans_k_min}/{settings.eval.kmeans_k_max}; they must "
-                          "satisfy 2 <= k_min <= k_max")
-
-
-def _validate_probe(probe: ProbeSettings) -> None:
-    for name in ("knn_v2_neighbors", "mlp_learning_rate", "mlp_batch_size", "mlp_max_epochs",
-                 "mlp_patience", "supervised_epochs", "supervised_photometry_epochs",
-                 "supervised_batch_size",
-                 "supervised_learning_rate"):
-        if not getattr(probe, name) > 0:
-            raise ConfigError(f"config field probe.{name} is {getattr(probe, name)!r}; it must "
-                              "be > 0")
-    checks = {"fractions": all(0 < f <= 1 for f in probe.fractions) and probe.fractions,
-              "seeds": bool(probe.seeds), "ridge_alphas": all(a > 0 for a in probe.ridge_alphas)
-              and probe.ridge_alphas, "val_fraction": 0 < probe.val_fraction < 1,
-              "mlp_dropout": 0 <= probe.mlp_dropout < 1,
-              "supervised": set(probe.supervised) <= {"image", "spectrum", "photometry"}}
-    expected = {"fractions": "values in (0, 1]", "seeds": "at least one seed",
-                "ridge_alphas": "values > 0", "val_fraction": "a value in (0, 1)",
-                "mlp_dropout": "a value in [0, 1)",
-                "supervised": "a subset of ('image', 'spectrum', 'photometry')"}
-    for name, ok in checks.items():
-        if not ok:
-            raise ConfigError(f"config field probe.{name} is {getattr(probe, name)!r}; expected "
-                              f"{expected[name]}")
-
-
-def _validate_index_and_serve(index: IndexSettings | None, serve: ServeSettings | None) -> None:
-    checks = {}
-    if index is not None:
-        checks.update({f"index.{name}": (getattr(index, name) > 0, "> 0") for name in
-                       ("exact_max", "pq_dims_per_code", "recall_queries", "k_factor_max",
-                        "train_rows")})
-        checks["index.recall_target"] = (0 < index.recall_target <= 1, "in (0, 1]")
-    if serve is not None:
-        checks["serve.port"] = (0 <= serve.port <= 65535, "in [0, 65535]")
-        checks["serve.k"] = (0 < serve.k <= serve.max_k, "in [1, serve.max_k]")
-        checks["serve.max_upload_bytes"] = (serve.max_upload_bytes > 0, "> 0")
-        checks["serve.duplicate_arcsec"] = (serve.duplicate_arcsec >= 0, ">= 0")
-        checks["serve.host"] = (bool(serve.host), "a host name or address")
-    for name, (ok, expected) in checks.items():
-        if not ok:
-            value = getattr(index if name.startswith("index.") else serve, name.split(".")[1])
-            raise ConfigError(f"config field {name} is {value!r}; it must be {expected}")
+def check(settings: RunSettings, mode: str | None = None) -> None:
+    """Every rule of `RULES`, in table order (those that import: for the sections `mode`
+    needs); ConfigError names the first field at fault."""
+    needed = MODE_SECTIONS.get(mode, ())
+    for name, rules in RULES.items():
+        section = name.split(".")[0]
+        if getattr(settings, section) is None:  # an absent optional section
+            continue
+        value = _field(settings, name)
+        for rule in rules:
+            if rule.imports and section not in needed:
+                continue
+            if not rule.test(value, settings):
+                raise ConfigError(f"config field {name} is {value!r}; expected {rule.expected}")
 
 
 # ------------------------------------------------------------------------------- resuming

@@ -320,7 +320,7 @@ def test_prepare_mode_writes_the_summary_and_reuses_the_dataset(tmp_path, monkey
     monkeypatch.setattr(synthetic, "generate", _standin)
     config = spender.get_config("smoke")
     config.data.data_dir = str(tmp_path / "tfds")
-    prepare.run(config, str(tmp_path / "work"))
+    prepare.run(settings.resolve(config), str(tmp_path / "work"))
     with open(tmp_path / "work" / "prepare.json") as f:
         written = json.load(f)
     assert written["dataset"] == "synthetic_desi/tiny/1.1.0"  # 1.1.0: with ivar
@@ -331,7 +331,7 @@ def test_prepare_mode_writes_the_summary_and_reuses_the_dataset(tmp_path, monkey
     assert sorted(records) == [7_000_000 + i for i in range(204, 256)]
     # Prepared already: a second run reads it back instead of generating again.
     monkeypatch.setattr(synthetic, "generate", None)
-    prepare.run(config, str(tmp_path / "again"))
+    prepare.run(settings.resolve(config), str(tmp_path / "again"))
     with open(tmp_path / "again" / "prepare.json") as f:
         assert json.load(f)["splits"] == written["splits"]
 

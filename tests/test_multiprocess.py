@@ -167,7 +167,7 @@ config.data.data_dir = sys.argv[1]
 data = settings_lib.resolve(config).data
 p, n = jax.process_index(), jax.process_count()
 from astroclip_jax.data import prepare
-prepare.run(config, sys.argv[2] + "-prepare")  # --mode=prepare: process 0 writes, 1 waits
+prepare.run(settings_lib.resolve(config), sys.argv[2] + "-prepare")  # --mode=prepare: process 0 writes, 1 waits
 out = {}
 with pipeline.TrainLoader(data, "train", 32, seed=0, start_step=4, process_index=p,
                           process_count=n) as loader:

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
+from astroclip_jax import settings as settings_lib
 from astroclip_jax.evaluation import embed, runner
 from configs import spender
 
@@ -51,9 +52,13 @@ def _config(overwrite=False):
     return config
 
 
+SETTINGS = settings_lib.resolve(_config())
+
+
 def test_report_figures_and_summary(tmp_path, loads, capsys):
     workdir, seen, numbers = str(tmp_path), [], []
-    report = runner.run_evaluator(_config(), workdir, "eval_test", _evaluator(seen, numbers))
+    report = runner.run_evaluator(SETTINGS, workdir, "eval_test",
+                                  _evaluator(seen, numbers))
     (settings, loaded_from), = loads
     assert loaded_from == workdir
     (inputs,) = seen
@@ -77,15 +82,16 @@ def test_report_figures_and_summary(tmp_path, loads, capsys):
 
 def test_refuses_to_overwrite_before_loading_anything(tmp_path, loads):
     workdir, seen = str(tmp_path), []
-    runner.run_evaluator(_config(), workdir, "eval_test", _evaluator(seen))
+    runner.run_evaluator(SETTINGS, workdir, "eval_test", _evaluator(seen))
     with pytest.raises(runner.ResultExists, match="overwrite"):
-        runner.run_evaluator(_config(), workdir, "eval_test", _evaluator(seen))
+        runner.run_evaluator(SETTINGS, workdir, "eval_test", _evaluator(seen))
     assert len(loads) == len(seen) == 1  # refused before the embeddings were loaded
     assert isinstance(runner.ResultExists("x"), FileExistsError)  # main.py's one-line error
-    runner.run_evaluator(_config(overwrite=True), workdir, "eval_test", _evaluator(seen))
+    runner.run_evaluator(settings_lib.resolve(_config(overwrite=True)), workdir, "eval_test",
+                         _evaluator(seen))
     assert len(loads) == len(seen) == 2
     # Another mode has its own results.
-    runner.run_evaluator(_config(), workdir, "other_mode", _evaluator(seen))
+    runner.run_evaluator(SETTINGS, workdir, "other_mode", _evaluator(seen))
     assert os.path.exists(tmp_path / "other_mode" / "results.json")
 
 
@@ -94,7 +100,7 @@ def test_a_failing_evaluator_leaves_no_result_folder(tmp_path, loads):
         raise RuntimeError("evaluator bug")
 
     with pytest.raises(RuntimeError, match="evaluator bug"):
-        runner.run_evaluator(_config(), str(tmp_path), "eval_test", broken)
+        runner.run_evaluator(SETTINGS, str(tmp_path), "eval_test", broken)
     assert not os.path.exists(tmp_path / "eval_test")
 
 
@@ -116,7 +122,7 @@ def test_examples_are_read_as_the_embeddings_were(tmp_path, loads, monkeypatch):
         got.append(inputs.examples(np.array([2, 0])))
         return runner.EvalResult(report={})
 
-    runner.run_evaluator(_config(), str(tmp_path), "eval_test", evaluate)
+    runner.run_evaluator(SETTINGS, str(tmp_path), "eval_test", evaluate)
     assert asked == [("the data settings", "test", [2, 0], 32)]
     (ex,) = got
     assert sorted(ex["image"]) == sorted(ex["spectrum"]) == [0, 2]

@@ -40,7 +40,7 @@ def _train(workdir, *legs):
     """Run the legs [(epochs, cached), ...] one after the other in `workdir`; the final state."""
     state = None
     for epochs, cached in legs:
-        state = contrastive.run(_config(epochs, cached), str(workdir))
+        state = contrastive.run(settings.resolve(_config(epochs, cached)), str(workdir))
     return jax.device_get(state)
 
 

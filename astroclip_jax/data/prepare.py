@@ -242,12 +242,11 @@ def _log_summary(builder) -> None:
     logging.info("prepared %s", json.dumps(summary(builder), default=str))
 
 
-def run(config, workdir: str) -> None:
+def run(settings: settings_lib.RunSettings, workdir: str) -> None:
     """`--mode=prepare`: prepare config.data and write <workdir>/prepare.json.
 
     Under several processes (`astroclip_jax.processes`) the first prepares and writes, the
     others wait for it and then only read what it wrote: nothing is written twice."""
-    settings = settings_lib.resolve(config)
     processes.initialize(settings.multihost)
     import jax
 

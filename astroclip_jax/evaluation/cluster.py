@@ -301,7 +301,3 @@ def report(inputs: runner.EvalInputs) -> runner.EvalResult:
     lines.append(f"cluster: k-Means best k={out['kmeans']['best_k']} (silhouette)")
     return runner.EvalResult(report=out, figures=figures, lines=lines)
 
-
-def run(config, workdir):
-    """``--mode=cluster``: UMAP maps, DBSCAN islands, k-Means clusters; JSON + PNGs."""
-    return runner.run_evaluator(config, workdir, "cluster", report)

@@ -452,14 +452,13 @@ def read_examples(data: DataSettings, split: str, rows, image_size: int):
     return {"image": images, "spectrum": spectra, "wave": wavelength_grids.wave(data.grid)}
 
 
-def run(config, workdir):
+def run(settings: settings_lib.RunSettings, workdir: str):
     """``--mode=embed``: write (or confirm up to date) ``workdir/embeddings/<name>/``.
 
     Under several processes each embeds its share (module docstring); the first holds the
     work directory's evaluation lock for all."""
     from astroclip_jax.evaluation import runner  # the runner builds on this module
 
-    settings = settings_lib.resolve(config)
     processes.initialize(settings.multihost)
     lock = (runner.evaluation_directory(workdir, "embed") if jax.process_index() == 0
             else contextlib.nullcontext())

@@ -99,9 +99,8 @@ def _numpy(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
-def run(config, workdir: str) -> str:
+def run(settings: settings_lib.RunSettings, workdir: str) -> str:
     """``--mode=export``: `workdir/export/` from the `eval.checkpoint` checkpoint."""
-    settings = settings_lib.resolve(config)
     out = os.path.join(os.path.abspath(workdir), EXPORT_DIR)
     if os.path.exists(out) and not settings.eval.overwrite:
         raise WouldOverwrite(f"{out} exists; set config.eval.overwrite=True "

@@ -193,7 +193,3 @@ def report(inputs: runner.EvalInputs) -> runner.EvalResult:
         figures={"figure8.png": plot_figure8(truths, predictions, scores)},
         lines=[table])
 
-
-def run(config, workdir):
-    """``--mode=eval_knn``: score, print the table, write results.json and Figure 8."""
-    return runner.run_evaluator(config, workdir, "eval_knn", report)["r2"]

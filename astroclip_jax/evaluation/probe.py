@@ -376,35 +376,25 @@ def plot_few_shot(entries, probe):
 # Mode
 # --------------------------------------------------------------------------------------------
 
-def run(config, workdir):
+def report(inputs: runner.EvalInputs) -> runner.EvalResult:
     """``--mode=probe``: score, print the table, write results.json and few_shot.png."""
-    run_settings = settings_lib.resolve(config)
-    if run_settings.probe is None:
-        raise ConfigError("config section probe is missing (see configs/spender.py)")
-    probe = run_settings.probe
+    probe, arrays = inputs.run.probe, inputs.arrays
+    t0 = time.time()
 
-    def report(inputs: runner.EvalInputs) -> runner.EvalResult:
-        arrays = inputs.arrays
-        t0 = time.time()
+    def supervised(fit_rows, query_rows, y_fit, y_query):
+        return supervised_bounds(arrays, fit_rows, query_rows, y_fit, y_query, probe, inputs.run,
+                                 inputs.data, inputs.meta["split"],
+                                 os.path.abspath(inputs.workdir), inputs.settings.seed)
 
-        def supervised(fit_rows, query_rows, y_fit, y_query):
-            return supervised_bounds(arrays, fit_rows, query_rows, y_fit, y_query, probe,
-                                     run_settings, inputs.data, inputs.meta["split"],
-                                     os.path.abspath(workdir),
-                                     inputs.settings.seed)
-
-        result = evaluate(arrays, probe, inputs.settings, supervised)
-        table = format_table(result["entries"], probe)
-        result["timings_s"]["total"] = round(time.time() - t0, 1)
-        report = {**{k: v for k, v in result.items() if k not in ("fit_rows", "query_rows")},
-                  "table": table, "probe": dataclasses.asdict(probe),
-                  "knn_neighbors": inputs.settings.knn_neighbors,
-                  "supervised_seed": inputs.settings.seed,
-                  "held_out_targetids": np.asarray(arrays["targetid"])[result["query_rows"]]}
-        timing = ", ".join(f"{k} {v} s" for k, v in result["timings_s"].items())
-        return runner.EvalResult(report=report,
-                                 figures={"few_shot.png": plot_few_shot(result["entries"], probe)},
-                                 lines=[table, f"probe timings: {timing}"])
-
-    return runner.run_evaluator(config, workdir, "probe", report)
-
+    result = evaluate(arrays, probe, inputs.settings, supervised)
+    table = format_table(result["entries"], probe)
+    result["timings_s"]["total"] = round(time.time() - t0, 1)
+    report = {**{k: v for k, v in result.items() if k not in ("fit_rows", "query_rows")},
+              "table": table, "probe": dataclasses.asdict(probe),
+              "knn_neighbors": inputs.settings.knn_neighbors,
+              "supervised_seed": inputs.settings.seed,
+              "held_out_targetids": np.asarray(arrays["targetid"])[result["query_rows"]]}
+    timing = ", ".join(f"{k} {v} s" for k, v in result["timings_s"].items())
+    return runner.EvalResult(report=report,
+                             figures={"few_shot.png": plot_few_shot(result["entries"], probe)},
+                             lines=[table, f"probe timings: {timing}"])

@@ -1,8 +1,8 @@
 """The evaluator runner: what every evaluation mode does around its own computation.
 
-    run_evaluator(config, workdir, "eval_knn", knn.evaluate)
+    run(settings, workdir, "eval_knn")        # --mode=eval_knn: the evaluator from registry.py
 
-resolves the settings, refuses early (before any expensive work) to overwrite an earlier
+refuses early (before any expensive work) to overwrite an earlier
 result unless `eval.overwrite`, loads the embeddings of the run (`embed.py`: computed once,
 reused after), hands them to the evaluator, then writes its figures (PNG) and its report
 (`results.json`) atomically into `workdir/<mode>/` and prints its summary lines. An evaluator
@@ -23,7 +23,7 @@ import numpy as np
 from astroclip_jax import files, locks
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.errors import WouldOverwrite
-from astroclip_jax.evaluation import embed
+from astroclip_jax.evaluation import embed, registry
 
 RESULT_FILE = "results.json"
 
@@ -40,6 +40,8 @@ class EvalInputs:
       arrays: the embeddings table (`embed.py` lists its columns), one row per galaxy.
       meta: the table's metadata (split, dataset, checkpoint, synthetic, ...).
       settings: the `eval` settings.
+      run: all the settings of the mode (the evaluator's own section, e.g. `run.probe`).
+      workdir: the work directory evaluated.
       examples: rows -> {"image": {row: RGB image}, "spectrum": {row: normalised spectrum},
         "wave": wavelengths}: what figures show, read from the dataset on demand.
     """
@@ -49,6 +51,8 @@ class EvalInputs:
     settings: settings_lib.EvalSettings
     examples: Callable[[np.ndarray], dict[str, Any]]
     data: settings_lib.DataSettings | None = None  # the dataset as embedded (its records)
+    run: settings_lib.RunSettings | None = None
+    workdir: str | None = None
 
 
 @dataclasses.dataclass
@@ -127,10 +131,14 @@ def _examples_reader(data, split: str, image_size: int):
     return examples
 
 
-def run_evaluator(config, workdir: str, mode: str,
+def run(settings: settings_lib.RunSettings, workdir: str, mode: str) -> dict[str, Any]:
+    """``--mode=<mode>``: the evaluator `registry.py` names for `mode`, end to end."""
+    return run_evaluator(settings, workdir, mode, registry.evaluator(mode))
+
+
+def run_evaluator(settings: settings_lib.RunSettings, workdir: str, mode: str,
                   evaluate: Callable[[EvalInputs], EvalResult]) -> dict[str, Any]:
-    """Run one evaluation mode end to end (module docstring); its report."""
-    settings = settings_lib.resolve(config)
+    """Run one evaluation end to end (module docstring); its report."""
     out = result_dir(workdir, mode, settings.eval.overwrite)
     with evaluation_directory(workdir, mode):
         return _run(settings, workdir, mode, out, evaluate)
@@ -141,7 +149,7 @@ def _run(settings, workdir, mode, out, evaluate):
     result = evaluate(EvalInputs(arrays=arrays, meta=meta, settings=settings.eval,
                                  examples=_examples_reader(data, meta["split"],
                                                            meta["image_size"]),
-                                 data=data))
+                                 data=data, run=settings, workdir=workdir))
     figures = [save_figure(fig, os.path.join(out, name)) for name, fig in result.figures.items()]
     report = {**result.report, "split": meta["split"], "checkpoint": meta.get("checkpoint"),
               "synthetic": meta.get("synthetic", False), "figures": figures}

@@ -22,7 +22,6 @@ compare it with, and what `report` uses when it is given no index.
 
 import numpy as np
 
-from astroclip_jax import settings as settings_lib
 from astroclip_jax.errors import ConfigError
 from astroclip_jax.evaluation import embed
 from astroclip_jax.evaluation import index as index_lib
@@ -236,16 +235,11 @@ def report(inputs: runner.EvalInputs, topk=None) -> runner.EvalResult:
                f"vs random {s['median_abs_dz_random']:.4f}" for name, s in scores.items()])
 
 
-def run(config, workdir):
+def report_from_index(inputs: runner.EvalInputs) -> runner.EvalResult:
     """``--mode=search``: retrieval figures for the query galaxies and the |delta z| score,
     searched with the run's faiss index."""
-    settings = settings_lib.resolve(config)
-
-    def report_with_index(inputs):
-        # The table the runner has just ensured and read: open (or build) its index without
-        # restoring the checkpoint and checking the table a second time.
-        table = embed.embeddings_path(workdir, inputs.meta["split"])
-        run_index = index_lib.open_or_build(table, embed.embedding_manifest(table), settings)
-        return report(inputs, index_topk(run_index))
-
-    return runner.run_evaluator(config, workdir, "search", report_with_index)["scores"]
+    # The table the runner has just ensured and read: open (or build) its index without
+    # restoring the checkpoint and checking the table a second time.
+    table = embed.embeddings_path(inputs.workdir, inputs.meta["split"])
+    run_index = index_lib.open_or_build(table, embed.embedding_manifest(table), inputs.run)
+    return report(inputs, index_topk(run_index))

@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from astroclip_jax import settings as settings_lib
-from astroclip_jax.errors import ConfigError, UserError
+from astroclip_jax.errors import UserError
 from astroclip_jax.evaluation import runner
 from astroclip_jax.serving import queries
 from astroclip_jax.serving.service import Service
@@ -149,14 +149,11 @@ def _check_port(host: str, port: int) -> None:
                             "with --config.serve.port / --config.serve.host") from None
 
 
-def run(config, workdir):
+def run(settings: settings_lib.RunSettings, workdir: str):
     """``--mode=serve``: open the run (building its index on first use), then serve until
     interrupted."""
     import uvicorn
 
-    settings = settings_lib.resolve(config)
-    if settings.serve is None:
-        raise ConfigError("the config has no `serve` section (see configs/spender.py)")
     host, port = settings.serve.host, settings.serve.port
     _check_port(host, port)
     with runner.evaluation_directory(workdir, "serve"):  # only while the index is built

@@ -55,15 +55,14 @@ def _pixel_std(settings: settings_lib.RunSettings) -> np.ndarray | None:
     return shipped_files.pixel_std(settings.data.grid).astype(np.float32)
 
 
-def run(config, workdir: str) -> Any:
+def run(settings: settings_lib.RunSettings, workdir: str) -> Any:
     """Train (or resume training) in `workdir`; the final TrainState."""
-    settings = settings_lib.resolve(config)  # checked before any work starts
     with loop.work_directory(os.path.abspath(workdir), settings) as workdir:
-        loop.check_resume(workdir, settings_lib.config_json(config))
-        return _train(config, settings, workdir)
+        loop.check_resume(workdir, settings.config)
+        return _train(settings, workdir)
 
 
-def _train(config, settings: settings_lib.RunSettings, workdir: str) -> Any:
+def _train(settings: settings_lib.RunSettings, workdir: str) -> Any:
     train = settings.train
     mesh = loop.make_mesh(settings)
     loop.prepare_data(settings.data)
@@ -142,7 +141,7 @@ def _train(config, settings: settings_lib.RunSettings, workdir: str) -> Any:
         validate=validate,
         initial_schedule=optimizer.Plateau(lr=train.learning_rate)._asdict(),
         end_of_epoch=end_of_epoch, chance_loss=float(np.log(train.batch_size)))
-    return loop.run(trainer, train, workdir, settings_lib.config_json(config))
+    return loop.run(trainer, train, workdir, settings.config)
 
 
 def _cached_path(settings, workdir, model, tx, frozen, mesh, train_records, rng, rows,

@@ -64,27 +64,6 @@ class MocoState(struct.PyTreeNode):
     queue_ptr: jax.Array  # int32: the oldest row
 
 
-def check(p: settings_lib.MocoSettings | None, train: settings_lib.TrainSettings
-          ) -> settings_lib.MocoSettings:
-    """The section's values, checked before any work."""
-    if p is None:
-        raise ConfigError("config has no moco section: use configs/moco.py")
-    if p.size not in resnet.SIZES:
-        raise ConfigError(f"config field moco.size is {p.size!r}; expected one of "
-                          f"{sorted(resnet.SIZES)}")
-    if p.queue_size <= 0 or p.queue_size % train.batch_size:
-        raise ConfigError(f"config field moco.queue_size is {p.queue_size}; expected a positive "
-                          f"multiple of train.batch_size={train.batch_size}")
-    if p.bn_groups <= 0 or train.batch_size % p.bn_groups:
-        raise ConfigError(f"config field moco.bn_groups is {p.bn_groups}; expected a positive "
-                          f"divisor of train.batch_size={train.batch_size}")
-    if not (p.temperature > 0 and 0 <= p.encoder_momentum < 1 and p.crop > 0
-            and p.jitter >= 0 and p.cosine_epochs >= 0):
-        raise ConfigError("config section moco: expected temperature > 0, 0 <= "
-                          "encoder_momentum < 1, crop > 0, jitter >= 0, cosine_epochs >= 0")
-    return p
-
-
 def grouped_forward(model: resnet.ResNet, params, batch_stats, images: jax.Array, groups: int
                     ) -> tuple[jax.Array, Any]:
     """Head outputs (N, D) with BatchNorm statistics per group of N / groups consecutive rows,
@@ -162,10 +141,9 @@ class ImageRecords:
         return np.ascontiguousarray(images)
 
 
-def run(config, workdir: str) -> Any:
+def run(settings: settings_lib.RunSettings, workdir: str) -> Any:
     """Pretrain (or resume) in `workdir`; writes the tower directory; the final state."""
-    settings = settings_lib.resolve(config)
-    p, config_json = check(settings.moco, settings.train), settings_lib.config_json(config)
+    p, config_json = settings.moco, settings.config
     with loop.work_directory(os.path.abspath(workdir), settings, "MoCo pretraining") as workdir:
         loop.check_resume(workdir, config_json)
         train, mesh = settings.train, loop.make_mesh(settings)

@@ -43,28 +43,6 @@ _KEYS = ("spectrum", "weights", "z")
 _AUGMENT_STREAM = 0
 
 
-def check(p: settings_lib.SpenderPretrainSettings | None) -> settings_lib.SpenderPretrainSettings:
-    """The section's values, checked before any work."""
-    if p is None:
-        raise ConfigError("config has no spender_pretrain section: use configs/spender_pretrain.py")
-    if p.encoder_size not in spender_model.SIZES:
-        raise ConfigError(f"config field spender_pretrain.encoder_size is {p.encoder_size!r}; "
-                          f"expected one of {sorted(spender_model.SIZES)}")
-    if p.decoder_size not in ae.DECODER_SIZES:
-        raise ConfigError(f"config field spender_pretrain.decoder_size is {p.decoder_size!r}; "
-                          f"expected one of {sorted(ae.DECODER_SIZES)}")
-    if p.activation not in ae.ACTIVATIONS:
-        raise ConfigError(f"config field spender_pretrain.activation is {p.activation!r}; "
-                          f"expected one of {list(ae.ACTIVATIONS)}")
-    if p.schedule_per not in ("epoch", "step"):
-        raise ConfigError(f"config field spender_pretrain.schedule_per is {p.schedule_per!r}; "
-                          "expected 'epoch' or 'step'")
-    for name in ("z_max", "clip_norm", "augment_z_max"):
-        if not getattr(p, name) > 0:
-            raise ConfigError(f"config field spender_pretrain.{name} must be > 0")
-    return p
-
-
 def build_autoencoder(p: settings_lib.SpenderPretrainSettings, grid: str, rng: jax.Array
                       ) -> tuple[ae.Autoencoder, Any]:
     """A fresh autoencoder on `grid` at the configured sizes, or the one in `init_from`."""
@@ -158,16 +136,15 @@ class SpectraRecords:
         return {"spectrum": y, "weights": w, "z": z}
 
 
-def run(config, workdir: str) -> Any:
+def run(settings: settings_lib.RunSettings, workdir: str) -> Any:
     """Pretrain (or resume) in `workdir`; writes the tower directory; the final state."""
-    settings = settings_lib.resolve(config)
-    p = check(settings.spender_pretrain)
+    p = settings.spender_pretrain
     with loop.work_directory(os.path.abspath(workdir), settings, "spender pretraining") as workdir:
-        loop.check_resume(workdir, settings_lib.config_json(config))
-        return _train(config, settings, p, workdir)
+        loop.check_resume(workdir, settings.config)
+        return _train(settings, p, workdir)
 
 
-def _train(config, settings, p, workdir):
+def _train(settings, p, workdir):
     train = settings.train
     mesh = loop.make_mesh(settings)
     loop.prepare_data(settings.data)
@@ -211,7 +188,7 @@ def _train(config, settings, p, workdir):
         steps_per_epoch=spe, batches=batches, train_step=train_step,
         validate=lambda state: validate(state.params),
         plot_curves=plot_curves, extra_metrics=_parts(p))
-    state = loop.run(trainer, train, workdir, settings_lib.config_json(config))
+    state = loop.run(trainer, train, workdir, settings.config)
     if loop.is_main_process():
         out = p.tower_dir or os.path.join(workdir, "tower")
         write_tower(out, model, jax.device_get(state.params),
