@@ -65,7 +65,7 @@ class DataSettings:
 
 @dataclasses.dataclass(frozen=True)
 class TowerSettings:
-    kind: str  # "resnet" | "spender"
+    kind: str  # image: "resnet" | "dinov2_vit"; spectrum: "spender" | "specformer"
     size: str  # a named size of the module ("resnet50", "small", "test", ...)
     weights: str | None  # a converted tower directory; None = random init at `size`
 
@@ -78,9 +78,12 @@ class TowerSettings:
 
 @dataclasses.dataclass(frozen=True)
 class HeadSettings:
-    hidden: tuple[int, ...]
+    kind: str  # "mlp" (on pooled features) | "cross_attention" (a learned query over tokens)
+    hidden: tuple[int, ...]  # mlp: hidden widths; cross_attention: its MLP's one hidden width
     out: int
     init_from_tower: bool  # start from the tower's own MoCo head (image head only)
+    num_heads: int  # cross_attention: attention heads (AstroCLIP: 4); mlp: 0
+    residual: bool  # cross_attention: out = ln + mlp(ln) (AstroCLIP's spectrum side), else mlp(ln)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,7 @@ class ModelSettings:
     spectrum_tower: TowerSettings
     image_head: HeadSettings
     spectrum_head: HeadSettings
+    heads_weights: str | None  # converted heads (converters/astroclip.py) to start both from
     logit_scale: float
     learn_logit_scale: bool
     grid: str  # the spectra's grid, checked against the Spender tower's own
@@ -420,6 +424,21 @@ MOMENTUM = _plain(lambda v: 0 <= v < 1, "a value in [0, 1)")  # Adam betas, EMA 
 NOT_EMPTY = _plain(lambda v: len(v) > 0, "at least one value")
 
 
+def head_count(side: str) -> Rule:
+    """A cross-attention head splits `out` evenly over its heads; an MLP head has none (0)."""
+    def test(value, settings):
+        head = getattr(settings.model, side)
+        if head.kind == "mlp":
+            return value == 0
+        return value > 0 and head.out % value == 0
+    return Rule(test, f"0 for an mlp head, else a positive divisor of model.{side}.out")
+
+
+def residual_only_across(side: str) -> Rule:
+    return Rule(lambda v, s: not v or getattr(s.model, side).kind == "cross_attention",
+                "False for an mlp head (the residual is the cross-attention head's)")
+
+
 def one_of(*choices: Any) -> Rule:
     return _plain(lambda v: v in choices, f"one of {list(choices)}")
 
@@ -471,14 +490,20 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "data.duplicate_policy": (one_of("raise", "drop"),),
     "data.image_crop": (NON_NEGATIVE,),
     "data.num_workers": (NON_NEGATIVE,),
-    "model.image_tower.kind": (one_of("resnet"),),
-    "model.spectrum_tower.kind": (one_of("spender"),),
+    "model.image_tower.kind": (one_of("resnet", "dinov2_vit"),),
+    "model.spectrum_tower.kind": (one_of("spender", "specformer"),),
     "model.image_size": (Rule(lambda v, _: v > 0, "augment.crop or data.image_crop > 0: the "
                               "towers need a fixed image size"),),
+    "model.image_head.kind": (one_of("mlp", "cross_attention"),),
     "model.image_head.out": (POSITIVE,),
     "model.image_head.hidden": (each(POSITIVE),),
+    "model.image_head.num_heads": (head_count("image_head"),),
+    "model.image_head.residual": (residual_only_across("image_head"),),
+    "model.spectrum_head.kind": (one_of("mlp", "cross_attention"),),
     "model.spectrum_head.out": (POSITIVE,),
     "model.spectrum_head.hidden": (each(POSITIVE),),
+    "model.spectrum_head.num_heads": (head_count("spectrum_head"),),
+    "model.spectrum_head.residual": (residual_only_across("spectrum_head"),),
     "model.logit_scale": (POSITIVE,),
     "augment.crop": (NON_NEGATIVE,),
     "augment.blur_sigma_max": (NON_NEGATIVE,),

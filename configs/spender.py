@@ -72,10 +72,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     model.spectrum_tower = ml_collections.ConfigDict(dict(kind="spender", size="small"))
     model.spectrum_tower.weights = ml_collections.config_dict.placeholder(str)
     # Image head: the MoCo v2 head shape; starts from the tower's fc_0/fc_2 when weights exist.
-    model.image_head = ml_collections.ConfigDict(dict(hidden=(2048,), out=128, init_from_tower=True))
+    # (kind "cross_attention" with num_heads and residual is AstroCLIP's: configs/astroclip.py.)
+    model.image_head = ml_collections.ConfigDict(dict(
+        kind="mlp", hidden=(2048,), out=128, init_from_tower=True, num_heads=0, residual=False))
     # Spectrum head: [256, 256, 256] -> 128 = 230,272 parameters (the paper's count and code).
-    model.spectrum_head = ml_collections.ConfigDict(dict(hidden=(256, 256, 256), out=128,
-                                                     init_from_tower=False))
+    model.spectrum_head = ml_collections.ConfigDict(dict(
+        kind="mlp", hidden=(256, 256, 256), out=128, init_from_tower=False, num_heads=0,
+        residual=False))
+    # Converted heads to start both from (converters/astroclip.py); None: initialised here.
+    model.heads_weights = ml_collections.config_dict.placeholder(str)
 
     # ---------------------------------------------------------------- augmentation (on device)
     c.augment = augment = ml_collections.ConfigDict()

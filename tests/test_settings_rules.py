@@ -21,6 +21,7 @@ FREE = {"data.builder_config", "data.data_dir", "data.manual_dir", "data.provabg
         "data.grid", "data.rebuild", "model.image_tower.size", "model.image_tower.weights",
         "model.spectrum_tower.size", "model.spectrum_tower.weights",
         "model.image_head.init_from_tower", "model.spectrum_head.init_from_tower",
+        "model.heads_weights",
         "model.learn_logit_scale", "augment.rotation", "augment.flip", "feature_cache.enabled",
         "feature_cache.on_device", "feature_cache.dir", "train.trainable", "train.train_split",
         "train.val_split", "eval.split", "eval.search_targetids", "eval.overwrite",

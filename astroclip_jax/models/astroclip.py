@@ -3,6 +3,12 @@
     images  (N, H, W, 3) -> image tower    -> features (N, 2048) -> image head    -> (N, 128)
     spectra (N, L)       -> spectrum tower -> features (N, 256)  -> spectrum head -> (N, 128)
 
+That is the paper's reproduction (ResNet50 + Spender, MLP heads). The released AstroCLIP runs
+the same way with token towers and cross-attention heads (`models/towers.py` KINDS):
+
+    images  -> AstroDINO ViT -> tokens (N, 144, 1024) -> cross-attention head -> (N, 1024)
+    spectra -> SpecFormer    -> tokens (N, 778, 768)  -> cross-attention head -> (N, 1024)
+
 All parameters live in one dict
 
     {"image_tower": {"params", "batch_stats"}, "spectrum_tower": {"params"},
@@ -39,12 +45,11 @@ from astroclip_jax.data.preprocess import center_crop
 from astroclip_jax.errors import ConfigError, DataError
 from astroclip_jax.flat_tree import SEP as _SEP
 from astroclip_jax.flat_tree import flatten, unflatten
-from astroclip_jax.models import heads, towers
+from astroclip_jax.models import heads, tower_weights, towers
 from astroclip_jax.settings import ModelSettings, TowerSettings
 
 Params = dict[str, Any]
-_MOCO_HEAD = ("fc_0", "fc_2")  # the image tower's MoCo v2 head layers
-_SPENDER_MLP = re.compile(r"mlp_\d+")  # Spender's own MLP, replaced by the spectrum head
+HEADS_KIND = "astroclip_heads"  # converters/astroclip.py: both heads in one directory
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-3) -> jax.Array:
@@ -63,19 +68,21 @@ class AstroCLIP:
 
     image_tower: nn.Module
     spectrum_tower: nn.Module
-    image_head: heads.MLPHead
-    spectrum_head: heads.MLPHead
+    image_head: nn.Module  # heads.MLPHead | heads.CrossAttentionHead
+    spectrum_head: nn.Module
     image_size: int  # side of the images the towers see
     logit_scale: float  # used unless params hold a learned one
+    image_kind: str = "resnet"  # towers.KINDS
+    spectrum_kind: str = "spender"
 
     # ---------------------------------------------------------------- the frozen towers
     def image_features(self, params: Params, images: jax.Array) -> jax.Array:
         images = center_crop(images, self.image_size)
-        return self.image_tower.apply(params["image_tower"], images)["features"]
+        return towers.features(self.image_kind, self.image_tower, params["image_tower"], images)
 
     def spectrum_features(self, params: Params, spectra: jax.Array) -> jax.Array:
-        return self.spectrum_tower.apply(params["spectrum_tower"], spectra,
-                                         features_only=True)["features"]
+        return towers.features(self.spectrum_kind, self.spectrum_tower, params["spectrum_tower"],
+                               spectra)
 
     def tower_features(self, params: Params, images: jax.Array, spectra: jax.Array
                        ) -> tuple[jax.Array, jax.Array]:
@@ -181,48 +188,83 @@ def _check_grid(model: ModelSettings, extras: Mapping[str, np.ndarray]) -> None:
 
 
 def build(settings: ModelSettings, rng: jax.Array) -> tuple[AstroCLIP, Params]:
-    """The model and its full params (towers loaded or random, heads initialised)."""
+    """The model and its full params (towers loaded or random, heads initialised, or loaded
+    from `heads_weights`)."""
     k_img, k_spec, k_ihead, k_shead = jax.random.split(rng, 4)
     size, length = settings.image_size, settings.spectrum_length
+    img_kind, spec_kind = settings.image_tower.kind, settings.spectrum_tower.kind
+    img_shape = towers.example_input(img_kind, size, length)
+    spec_shape = towers.example_input(spec_kind, size, length)
 
-    spec_cfg, spec_vars, spec_extras = _tower("spender", settings.spectrum_tower, k_spec, (1, length))
+    spec_cfg, spec_vars, spec_extras = _tower(spec_kind, settings.spectrum_tower, k_spec,
+                                              spec_shape)
     if settings.spectrum_tower.weights:
         _check_grid(settings, spec_extras)  # before any expensive work
-    img_cfg, img_vars, _ = _tower("resnet", settings.image_tower, k_img, (1, size, size, 3))
+    img_cfg, img_vars, _ = _tower(img_kind, settings.image_tower, k_img, img_shape)
 
-    # The frozen image tower stops at its pooled features; its MoCo head moves to the image head.
-    img_vars = dict(img_vars)  # a shallow copy we may edit
-    img_params = dict(img_vars["params"])
-    moco_head = {name: img_params.pop(name) for name in _MOCO_HEAD if name in img_params}
-    img_vars["params"] = img_params
-    img_cfg = {**img_cfg, "head_hidden": None}
-    spec_vars = {"params": {k: v for k, v in spec_vars["params"].items()
-                            if not _SPENDER_MLP.fullmatch(k)}}
+    # A frozen tower stops at its features: its own head is not run. The image tower's MoCo
+    # head moves to the image head (`init_from_tower`).
+    img_vars, own_image_head = _without_own_head(img_kind, img_vars)
+    spec_vars, _ = _without_own_head(spec_kind, spec_vars)
+    if img_kind == "resnet":
+        img_cfg = {**img_cfg, "head_hidden": None}
 
     model = AstroCLIP(
-        image_tower=towers.build_tower("resnet", img_cfg),
-        spectrum_tower=towers.build_tower("spender", spec_cfg),
-        image_head=heads.MLPHead(hidden=tuple(settings.image_head.hidden), out=settings.image_head.out),
-        spectrum_head=heads.MLPHead(hidden=tuple(settings.spectrum_head.hidden), out=settings.spectrum_head.out),
-        image_size=size, logit_scale=settings.logit_scale,
-    )
+        image_tower=towers.build_tower(img_kind, img_cfg),
+        spectrum_tower=towers.build_tower(spec_kind, spec_cfg),
+        image_head=heads.build_head(settings.image_head),
+        spectrum_head=heads.build_head(settings.spectrum_head),
+        image_size=size, logit_scale=settings.logit_scale, image_kind=img_kind,
+        spectrum_kind=spec_kind)
     params: Params = {"image_tower": img_vars, "spectrum_tower": spec_vars}
     # Strict check: the loaded (or edited) tower trees are exactly what the modules expect.
-    _check_tree("image_tower", img_vars, jax.eval_shape(
-        model.image_tower.init, k_img, jnp.zeros((1, size, size, 3))))
-    _check_tree("spectrum_tower", spec_vars, jax.eval_shape(
-        lambda k: model.spectrum_tower.init(k, jnp.zeros((1, length)), features_only=True), k_spec))
+    _check_tree("image_tower", img_vars, _without_own_head(img_kind, jax.eval_shape(
+        lambda k: model.image_tower.init(k, jnp.zeros(img_shape), **_feature_args(img_kind)),
+        k_img))[0])
+    _check_tree("spectrum_tower", spec_vars, _without_own_head(spec_kind, jax.eval_shape(
+        lambda k: model.spectrum_tower.init(k, jnp.zeros(spec_shape),
+                                            **_feature_args(spec_kind)), k_spec))[0])
 
     img_feat, spec_feat = jax.eval_shape(
-        model.tower_features, params, jnp.zeros((1, size, size, 3)), jnp.zeros((1, length)))
+        model.tower_features, params, jnp.zeros(img_shape), jnp.zeros(spec_shape))
     params["image_head"] = jax.jit(model.image_head.init)(k_ihead, jnp.zeros(img_feat.shape))
     params["spectrum_head"] = jax.jit(model.spectrum_head.init)(k_shead,
                                                                 jnp.zeros(spec_feat.shape))
-    if settings.image_head.init_from_tower and settings.image_tower.weights:
-        params["image_head"] = _moco_head_init(params["image_head"], moco_head)
+    if settings.heads_weights:
+        params.update(_converted_heads(settings.heads_weights, params))
+    elif settings.image_head.init_from_tower and settings.image_tower.weights:
+        params["image_head"] = _moco_head_init(params["image_head"], own_image_head)
     if settings.learn_logit_scale:
         params["logit_scale"] = {"log_scale": jnp.asarray(math.log(settings.logit_scale), jnp.float32)}
     return model, params
+
+
+def _feature_args(kind: str) -> dict[str, Any]:
+    return dict(towers.kind_of(kind).feature_args)
+
+
+def _without_own_head(kind: str, variables: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(variables without the tower's own head, that head's parameters)."""
+    pattern = towers.kind_of(kind).own_head
+    params = dict(variables["params"])
+    own = {k: params.pop(k) for k in list(params) if pattern and re.fullmatch(pattern, k)}
+    return {**variables, "params": params}, own
+
+
+def _converted_heads(path: str, initial: Params) -> Params:
+    """Both heads from a converted heads directory (kind "astroclip_heads"), checked against
+    the heads the config builds."""
+    weights = tower_weights.load_tower(path, kind=HEADS_KIND)
+    out = {}
+    for name in ("image_head", "spectrum_head"):
+        converted = {"params": weights.variables["params"][name]}
+        try:
+            _check_tree(name, converted, initial[name])
+        except DataError as e:
+            raise ConfigError(f"config field model.heads_weights: {path}: {e}; set "
+                              f"model.{name} to the converted head's shape") from None
+        out[name] = jax.tree.map(jnp.asarray, converted)
+    return out
 
 
 def _check_tree(name: str, got: Mapping[str, Any], want: Mapping[str, Any]) -> None:

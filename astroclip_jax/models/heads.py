@@ -41,6 +41,14 @@ class MLPHead(nn.Module):
         return nn.Dense(self.out, name=f"fc_{2 * len(self.hidden)}")(x)
 
 
+def build_head(settings) -> nn.Module:
+    """The head a `settings.HeadSettings` describes."""
+    if settings.kind == "mlp":
+        return MLPHead(hidden=tuple(settings.hidden), out=settings.out)
+    return CrossAttentionHead(embed_dim=settings.out, num_heads=settings.num_heads,
+                              hidden=int(settings.hidden[0]), residual=settings.residual)
+
+
 def num_params(tree) -> int:
     """Number of scalars in a pytree of arrays (or ShapeDtypeStructs)."""
     return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))

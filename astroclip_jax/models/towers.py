@@ -6,6 +6,8 @@ is rebuilt from disk with `load_tower_module(path)`.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import os
 from typing import Any, Mapping, Sequence
 
@@ -16,30 +18,65 @@ import jax.numpy as jnp
 from astroclip_jax.errors import ConfigError
 from astroclip_jax.models import tower_weights
 
-KINDS = ("resnet", "spender")
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """What the rest of the project needs to know of a tower kind."""
+
+    module: str  # "package.module:Class"; imported only when the kind is used
+    modality: str  # "image" (NHWC images) | "spectrum" ((N, L) flux)
+    # Keyword arguments of the module's __call__ that give AstroCLIP's features.
+    feature_args: tuple[tuple[str, Any], ...] = ()
+    # Top-level parameters of the tower's own head that AstroCLIP does not run (regex).
+    own_head: str | None = None
+    # The features are a token sequence (N, T, D) for a cross-attention head (else (N, D)).
+    tokens: bool = False
+
+
+KINDS = {
+    "resnet": Kind("astroclip_jax.models.resnet:ResNet", "image", own_head=r"fc_\d+"),
+    "spender": Kind("astroclip_jax.models.spender:SpectrumEncoder", "spectrum",
+                    (("features_only", True),), own_head=r"mlp_\d+"),
+    "dinov2_vit": Kind("astroclip_jax.models.vit:VisionTransformer", "image", tokens=True),
+    "specformer": Kind("astroclip_jax.models.specformer:SpecFormer", "spectrum", tokens=True),
+}
+
+
+def kind_of(kind: str) -> Kind:
+    if kind not in KINDS:
+        raise ValueError(f"unknown tower kind {kind!r}; expected one of {list(KINDS)}")
+    return KINDS[kind]
+
+
+def _module_attribute(kind: str, attribute: str | None = None):
+    module, name = kind_of(kind).module.split(":")
+    return getattr(importlib.import_module(module), attribute or name)
 
 
 def _module_class(kind: str):
-    # Imported lazily so each tower's module is only loaded when used.
-    if kind == "resnet":
-        from astroclip_jax.models.resnet import ResNet
-
-        return ResNet
-    if kind == "spender":
-        from astroclip_jax.models.spender import SpectrumEncoder
-
-        return SpectrumEncoder
-    raise ValueError(f"unknown tower kind {kind!r}; expected one of {KINDS}")
+    return _module_attribute(kind)
 
 
 def _sizes(kind: str) -> Mapping[str, Mapping[str, Any]]:
-    if kind == "resnet":
-        from astroclip_jax.models.resnet import SIZES
-    elif kind == "spender":
-        from astroclip_jax.models.spender import SIZES
-    else:
-        raise ValueError(f"unknown tower kind {kind!r}; expected one of {KINDS}")
-    return SIZES
+    return _module_attribute(kind, "SIZES")
+
+
+def example_input(kind: str, image_size: int, spectrum_length: int) -> tuple[int, ...]:
+    """The shape of a batch of one input of the tower."""
+    if kind_of(kind).modality == "image":
+        return (1, image_size, image_size, 3)
+    return (1, spectrum_length)
+
+
+def features(kind: str, module: nn.Module, variables: Mapping[str, Any], x: jax.Array
+             ) -> jax.Array:
+    """AstroCLIP's features of a tower: pooled (N, D), or tokens (N, T, D) (`Kind.tokens`)."""
+    out = module.apply(variables, x, **dict(kind_of(kind).feature_args))
+    return out["features"] if isinstance(out, Mapping) else out
+
+
+def pooled(features_: jax.Array) -> jax.Array:
+    """One vector per galaxy (what tables and probes keep): tokens are averaged."""
+    return features_ if features_.ndim == 2 else jnp.mean(features_, axis=1)
 
 
 def _hashable(value: Any) -> Any:
@@ -48,7 +85,7 @@ def _hashable(value: Any) -> Any:
 
 
 def build_tower(kind: str, config: Mapping[str, Any]) -> nn.Module:
-    """The Flax module of a tower kind ("resnet" or "spender") from its config dict."""
+    """The Flax module of a tower kind (`KINDS`) from its config dict."""
     return _module_class(kind)(**{k: _hashable(v) for k, v in config.items()})
 
 
