@@ -136,6 +136,11 @@ class TrainSettings:
     plateau_factor: float
     plateau_patience: int
     plateau_threshold: float
+    schedule: str  # "plateau" (Adam + ReduceLROnPlateau) | "warmup_cosine" (AdamW)
+    weight_decay: float
+    warmup_steps: int
+    cosine_steps: int  # 0: every step of the run
+    clip_norm: float  # 0: no clip
     trainable: tuple[str, ...]  # derived: includes the logit scale's when it is learned
     train_split: str
     val_split: str
@@ -523,6 +528,13 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "train.plateau_factor": (UNIT_OPEN,),
     "train.plateau_patience": (NON_NEGATIVE,),
     "train.plateau_threshold": (NON_NEGATIVE,),
+    "train.schedule": (one_of("plateau", "warmup_cosine"),),
+    "train.weight_decay": (NON_NEGATIVE, Rule(lambda v, s: v == 0 or s.train.schedule !=
+                                              "plateau", "0 with train.schedule 'plateau' "
+                                              "(Adam); AdamW is 'warmup_cosine'")),
+    "train.warmup_steps": (NON_NEGATIVE,),
+    "train.cosine_steps": (NON_NEGATIVE,),
+    "train.clip_norm": (NON_NEGATIVE,),
     "train.keep_checkpoints": (POSITIVE,),
     "train.log_every_steps": (POSITIVE,),
     "eval.batch_size": (POSITIVE,),

@@ -100,6 +100,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     train.plateau_factor = 0.5  # ReduceLROnPlateau on the validation loss
     train.plateau_patience = 5
     train.plateau_threshold = 1e-4
+    # "plateau": Adam + the rule above (the paper); "warmup_cosine": AdamW with linear warmup
+    # then a cosine to 0 (AstroCLIP's alignment recipe, configs/astroclip.py).
+    train.schedule = "plateau"
+    train.weight_decay = 0.0  # AdamW's decoupled decay ("warmup_cosine" only)
+    train.warmup_steps = 0
+    train.cosine_steps = 0  # the cosine's length in steps; 0: every step of the run
+    train.clip_norm = 0.0  # global gradient-norm clip; 0: none
     train.logit_scale = 15.5  # multiplies the cosine similarity; fixed unless learn_logit_scale
     train.learn_logit_scale = False
     # Regexes (re.fullmatch) over flattened names like "image_head/params/fc_0/kernel".

@@ -81,7 +81,7 @@ def _train(settings: settings_lib.RunSettings, workdir: str) -> Any:
     del params
     _log_param_counts(trainable, frozen)
     towers_frozen = not any(k.endswith("_tower") for k in trainable)
-    tx = optimizer.make_optimizer(train)
+    tx = optimizer.make_optimizer(train, steps_per_epoch)
     state_rng = jax.random.fold_in(seed_key, 1)  # not the key the init used
 
     # --------------------------------------------------------------------------- shard
@@ -125,6 +125,8 @@ def _train(settings: settings_lib.RunSettings, workdir: str) -> Any:
     validate = _validation(settings, model, frozen, mesh, towers_frozen)
 
     def end_of_epoch(state, schedule, val):
+        if train.schedule != "plateau":  # the optimiser's own schedule sets the rate
+            return state, schedule
         plateau = optimizer.Plateau(**schedule)
         new = optimizer.plateau_update(plateau, val["loss"], train.plateau_factor,
                                        train.plateau_patience, train.plateau_threshold)

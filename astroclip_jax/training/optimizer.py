@@ -28,11 +28,45 @@ class TrainState(struct.PyTreeNode):
     rng: jax.Array  # raw uint32[2] base key; step keys are fold_in(rng, step)
 
 
-def make_optimizer(train: TrainSettings) -> optax.GradientTransformation:
-    """Adam whose learning rate lives in the optimiser state (so the plateau rule can set it)."""
-    return optax.inject_hyperparams(optax.adam)(
-        learning_rate=train.learning_rate, b1=train.adam_b1, b2=train.adam_b2,
-        eps=train.adam_eps)
+def make_optimizer(train: TrainSettings, steps_per_epoch: int = 1
+                   ) -> optax.GradientTransformation:
+    """`train.schedule` "plateau": Adam whose learning rate lives in the optimiser state (so
+    the plateau rule can set it); "warmup_cosine": AdamW on `warmup_cosine_schedule`. Either
+    clipped to a global gradient norm of `train.clip_norm` when it is > 0."""
+    if train.schedule == "plateau" and not train.clip_norm:
+        return optax.inject_hyperparams(optax.adam)(
+            learning_rate=train.learning_rate, b1=train.adam_b1, b2=train.adam_b2,
+            eps=train.adam_eps)
+    if train.schedule == "plateau":
+        learning_rate = train.learning_rate
+
+        def make(learning_rate):
+            return optax.adam(learning_rate, b1=train.adam_b1, b2=train.adam_b2,
+                              eps=train.adam_eps)
+    else:
+        learning_rate = warmup_cosine_schedule(
+            train.learning_rate, train.warmup_steps,
+            train.cosine_steps or steps_per_epoch * train.epochs)
+
+        def make(learning_rate):
+            return optax.adamw(learning_rate, b1=train.adam_b1, b2=train.adam_b2,
+                               eps=train.adam_eps, weight_decay=train.weight_decay)
+    return optax.inject_hyperparams(lambda learning_rate: optax.chain(
+        *([optax.clip_by_global_norm(train.clip_norm)] if train.clip_norm else []),
+        make(learning_rate)))(learning_rate=learning_rate)
+
+
+def warmup_cosine_schedule(peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    """AstroCLIP's `CosineAnnealingWithWarmupLR` (astroclip/scheduler.py) stepped per update:
+    peak * t / warmup, then a cosine from peak to 0 at `total_steps`, then 0. (Upstream's
+    eta_min is `lr // 500`, a floor division: 0 for lr 1e-4.)"""
+    def schedule(count):
+        t = jnp.asarray(count, jnp.float32)
+        warm = peak * t / max(warmup_steps, 1)
+        ratio = jnp.clip((t - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+        cosine = 0.5 * peak * (1.0 + jnp.cos(jnp.pi * ratio))
+        return jnp.where(t < warmup_steps, warm, cosine)
+    return schedule
 
 
 def init_state(tx: optax.GradientTransformation, trainable, rng: jax.Array) -> TrainState:
