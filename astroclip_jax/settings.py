@@ -44,7 +44,7 @@ class DataSettings:
     provabgs_path: str | None
     grid: str  # wavelength grid of the spectra
     image_crop: int  # host centre crop; 0 keeps the whole cutout
-    image_transform: str  # "stein_rgb" | "raw"
+    image_transform: str  # "stein_rgb" (the ResNet's) | "astroclip_rgb" (the ViT's) | "raw"
     spectrum_norm: str  # "zscore" | "none"
     nan_policy: str  # "raise" | "mask"
     num_workers: int  # grain worker processes; 0 = this process
@@ -489,7 +489,7 @@ def names_in(module: str, attribute: str, subset: bool = False) -> Rule:
 
 RULES: dict[str, tuple[Rule, ...]] = {
     "data.name": (one_of("synthetic_desi", "astroclip_desi"),),
-    "data.image_transform": (one_of("stein_rgb", "raw"),),
+    "data.image_transform": (one_of("stein_rgb", "astroclip_rgb", "raw"),),
     "data.spectrum_norm": (one_of("zscore", "none"),),
     "data.nan_policy": (one_of("raise", "mask"),),
     "data.duplicate_policy": (one_of("raise", "drop"),),

@@ -148,3 +148,30 @@ def test_check_grid():
         preprocess.check_grid(grids.sdss_wave(), grids.desi_wave())
     with pytest.raises(ValueError, match="mismatch at pixel 0"):
         preprocess.check_grid(grids.desi_wave() + 2.0, grids.desi_wave())
+
+
+def _viewer_rgb_reference(flux_hwc):
+    """The Legacy Survey viewer stretch in float64, written from its equations (AstroCLIP's
+    ToRGB: channel-first planes, Q = 20, m = 0.03), then AstroCLIP's (0, 3, 2, 1) permute."""
+    chw = np.transpose(np.asarray(flux_hwc, np.float64), (2, 0, 1))
+    planes = {"g": (2, 6.0), "r": (1, 3.4), "z": (0, 2.2)}
+    total = sum(np.maximum(0.0, img * planes[b][1] + 0.03) for img, b in zip(chw, "grz"))
+    total = total / 3.0
+    f = np.arcsinh(20.0 * total) / np.sqrt(20.0)
+    total = total + (total == 0.0) * 1e-6
+    rgb = np.zeros(chw.shape[1:] + (3,))
+    for img, b in zip(chw, "grz"):
+        rgb[:, :, planes[b][0]] = (img * planes[b][1] + 0.03) * f / total
+    rgb = np.clip(rgb, 0, 1)  # (H, W, 3)
+    tensor = np.transpose(rgb[None], (0, 3, 2, 1))  # the collator's permute: (1, 3, W, H)
+    return np.transpose(tensor, (0, 2, 3, 1))[0]  # the NHWC array of that tensor
+
+
+def test_astroclip_rgb_equals_the_viewer_stretch_and_the_collator_axes():
+    rng = np.random.default_rng(3)
+    flux = rng.normal(0.02, 0.05, size=(2, 12, 9, 3)).astype(np.float32)  # H != W: axes matter
+    flux[0, :2, :2] = -1.0  # I == 0 somewhere: the 1e-6 guard
+    ours = preprocess.astroclip_rgb(flux)
+    assert ours.shape == (2, 9, 12, 3) and ours.dtype == np.float32
+    for i in range(2):
+        np.testing.assert_allclose(ours[i], _viewer_rgb_reference(flux[i]), rtol=1e-5, atol=2e-6)

@@ -18,7 +18,10 @@ STEIN_SCALES = {"g": 6.0, "r": 3.4, "z": 2.2}
 STEIN_M = 0.03
 STEIN_Q = 20.0
 
-IMAGE_TRANSFORMS = ("stein_rgb", "raw")
+IMAGE_TRANSFORMS = ("stein_rgb", "astroclip_rgb", "raw")
+# The Legacy Survey viewer's RGB (AstroCLIP's ToRGB, astroclip/astrodino/data/augmentations.py):
+# band -> (RGB plane, scale); g, r, z land in planes 2, 1, 0.
+VIEWER_PLANES = {"g": (2, 6.0), "r": (1, 3.4), "z": (0, 2.2)}
 SPECTRUM_NORMS = ("zscore", "none")
 ZSCORE_MIN_STD = 0.2
 
@@ -68,10 +71,37 @@ def stein_rgb(images: np.ndarray, *, scales=STEIN_SCALES, m: float = STEIN_M,
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def astroclip_rgb(images: np.ndarray, *, m: float = STEIN_M, q: float = STEIN_Q) -> np.ndarray:
+    """The released AstroCLIP's image input from (..., H, W, 3) g, r, z flux; float32 in [0, 1].
+
+    The Legacy Survey viewer's stretch, as AstroCLIP's ToRGB computes it (unlike Stein's, which
+    the ResNet saw):
+        I   = mean over bands of max(0, x_b * s_b + m),  f = asinh(Q I) / sqrt(Q)
+        rgb[plane_b] = clip((x_b * s_b + m) * f / I, 0, 1),  I := I + 1e-6 where I == 0
+    then the height and width axes swapped: AstroCLIP's collator permutes its (N, H, W, 3)
+    batch to (N, 3, W, H), so the NHWC array equal to the tensor its ViT sees is (N, W, H, 3).
+    """
+    x = np.asarray(images, dtype=np.float32)
+    if x.shape[-1] != 3:
+        raise ValueError(f"astroclip_rgb expects 3 bands (g, r, z) last, got shape {x.shape}")
+    scaled = [x[..., i] * np.float32(VIEWER_PLANES[b][1]) + np.float32(m)
+              for i, b in enumerate(STEIN_BANDS)]
+    intensity = sum(np.maximum(s, 0.0) for s in scaled) / np.float32(3.0)
+    stretched = np.arcsinh(np.float32(q) * intensity) / np.float32(np.sqrt(q))
+    intensity = intensity + (intensity == 0.0) * np.float32(1e-6)
+    out = np.empty(x.shape, np.float32)
+    for s, band in zip(scaled, STEIN_BANDS):
+        out[..., VIEWER_PLANES[band][0]] = s * stretched / intensity
+    return np.swapaxes(np.clip(out, 0.0, 1.0, out=out), -3, -2)
+
+
 def transform_images(images: np.ndarray, transform: str) -> np.ndarray:
-    """Apply the configured image transform: "stein_rgb" or "raw" (flux as is, float32)."""
+    """Apply the configured image transform: "stein_rgb", "astroclip_rgb" or "raw" (flux as
+    is, float32)."""
     if transform == "stein_rgb":
         return stein_rgb(images)
+    if transform == "astroclip_rgb":
+        return astroclip_rgb(images)
     if transform == "raw":
         return np.asarray(images, dtype=np.float32)
     raise ValueError(f"unknown image_transform {transform!r}; expected one of {IMAGE_TRANSFORMS}")
