@@ -7,8 +7,9 @@ then samples one cached view per galaxy and step, and an epoch costs only the he
 
 On disk (a directory, written atomically: filled under a temporary name, then renamed):
     feature_cache-<fingerprint[:16]>/
-      image.npy      (n_image_views, N, D_image)     float16 or float32
-      spectrum.npy   (n_spectrum_views, N, D_spectrum)
+      image.npy      (n_image_views, N, *image feature shape)     float16 or float32
+      spectrum.npy   (n_spectrum_views, N, *spectrum feature shape)
+(a feature shape is (D,) for a pooling tower, (T, D) for a token tower: towers.KINDS)
       meta.json      {"fingerprint", "views", "n", ...}
 The fingerprint hashes the tower variables, a sample of the data and the view views; a directory
 whose fingerprint matches is reused, so a resumed run finds its cache and pays nothing.
@@ -165,11 +166,13 @@ def compute_features(model: AstroCLIP, tower_params: Any, records: Records, view
     bar.close()
 
 
-def _feature_dims(model: AstroCLIP, tower_params: Any, records: Records) -> tuple[int, int]:
+def _feature_shapes(model: AstroCLIP, tower_params: Any, records: Records
+                    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The per-galaxy feature shape of each tower: (D,), or (T, D) for token towers."""
     one = records.batch(np.zeros((1,), np.int64))
     fi, fs = jax.eval_shape(model.tower_features, tower_params, jnp.asarray(one["image"]),
                             jnp.asarray(one["spectrum"]))
-    return fi.shape[-1], fs.shape[-1]
+    return tuple(fi.shape[1:]), tuple(fs.shape[1:])
 
 
 # ---------------------------------------------------------------- on disk
@@ -228,20 +231,20 @@ def _load_if_current(path: str, fp: str, mmap: bool) -> FeatureCache | None:
 
 
 def _build(model, tower_params, records, views, batch_size, pixel_std, path, fp, log) -> None:
-    d_img, d_spec = _feature_dims(model, tower_params, records)
+    d_img, d_spec = _feature_shapes(model, tower_params, records)
     n = len(records)
     with files.atomic_directory(path) as tmp:
         out = {"image": np.lib.format.open_memmap(os.path.join(tmp, "image.npy"), "w+",
-                                                  views.dtype, (views.n_image_views, n, d_img)),
+                                                  views.dtype, (views.n_image_views, n, *d_img)),
                "spectrum": np.lib.format.open_memmap(os.path.join(tmp, "spectrum.npy"), "w+",
                                                      views.dtype,
-                                                     (views.n_spectrum_views, n, d_spec))}
+                                                     (views.n_spectrum_views, n, *d_spec))}
         compute_features(model, tower_params, records, views, pixel_std, batch_size, out,
                          progress=log is not None)
         for arr in out.values():
             arr.flush()
         del out
         meta = {"format_version": FORMAT_VERSION, "fingerprint": fp, "n": n,
-                "views": dataclasses.asdict(views), "dims": {"image": d_img, "spectrum": d_spec}}
+                "views": dataclasses.asdict(views), "dims": {"image": list(d_img), "spectrum": list(d_spec)}}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
