@@ -26,6 +26,7 @@ MODES = {
     "train": "astroclip_jax.training.contrastive",
     "pretrain_spender": "astroclip_jax.training.spender_pretrain",
     "pretrain_moco": "astroclip_jax.training.moco",
+    "pretrain_specformer": "astroclip_jax.training.specformer_pretrain",
     "embed": "astroclip_jax.evaluation.embed",
     **{mode: "astroclip_jax.evaluation.runner" for mode in registry.EVALUATORS},
     "export": "astroclip_jax.evaluation.export",
@@ -34,7 +35,8 @@ MODES = {
 
 # Modes that write the work directory take its lock before importing anything heavy, so a
 # second writer stops within a second; the mode itself holds the same (re-entrant) lock.
-WRITERS = {"pretrain_spender": "spender pretraining", "pretrain_moco": "MoCo pretraining", "train": "training"}
+WRITERS = {"pretrain_spender": "spender pretraining", "pretrain_moco": "MoCo pretraining",
+           "pretrain_specformer": "SpecFormer pretraining", "train": "training"}
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
 flags.DEFINE_enum("mode", "train", list(MODES), "What to do.")

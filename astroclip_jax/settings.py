@@ -267,6 +267,17 @@ class MocoSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpecformerPretrainSettings:
+    """`--mode=pretrain_specformer` (training/specformer_pretrain.py): SpecFormer's masked-chunk
+    modelling. Batch, epochs, the optimiser and its schedule come from `train`."""
+
+    size: str  # models.specformer.SIZES
+    mask_chunks: int  # chunks masked per spectrum (upstream 6)
+    mask_width: int  # tokens per chunk (upstream 50)
+    tower_dir: str | None  # where the trained tower directory goes (None: <workdir>/tower)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSettings:
     seed: int
     multihost: bool
@@ -283,6 +294,7 @@ class RunSettings:
     serve: ServeSettings | None = None
     spender_pretrain: SpenderPretrainSettings | None = None  # None likewise
     moco: MocoSettings | None = None  # None likewise
+    specformer_pretrain: SpecformerPretrainSettings | None = None  # None likewise
     # The config these settings were resolved from, as JSON (what checkpoints store); not part
     # of the settings' identity.
     config: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False,
@@ -302,12 +314,15 @@ SECTIONS = (("data", DataSettings, True), ("augment", AugmentSettings, True),
             ("train", TrainSettings, True), ("eval", EvalSettings, True),
             ("probe", ProbeSettings, False), ("index", IndexSettings, False),
             ("serve", ServeSettings, False), ("spender_pretrain", SpenderPretrainSettings, False),
-            ("moco", MocoSettings, False))
+            ("moco", MocoSettings, False),
+            ("specformer_pretrain", SpecformerPretrainSettings, False))
 
 # The optional sections each mode needs, and the config file that has them.
 MODE_SECTIONS = {"probe": ("probe",), "search": ("index",), "serve": ("index", "serve"),
-                 "pretrain_spender": ("spender_pretrain",), "pretrain_moco": ("moco",)}
-_SECTION_HOME = {"moco": "configs/moco.py", "spender_pretrain": "configs/spender_pretrain.py"}
+                 "pretrain_spender": ("spender_pretrain",), "pretrain_moco": ("moco",),
+                 "pretrain_specformer": ("specformer_pretrain",)}
+_SECTION_HOME = {"moco": "configs/moco.py", "spender_pretrain": "configs/spender_pretrain.py",
+                 "specformer_pretrain": "configs/specformer_pretrain.py"}
 
 
 def _get(section: Any, name: str, where: str) -> Any:
@@ -611,7 +626,19 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "moco.input_crop": (Rule(lambda v, s: v == 0 or v >= s.moco.crop,
                              "0 (the whole cutout) or a value >= moco.crop"),),
     "moco.jitter": (NON_NEGATIVE,),
+    "specformer_pretrain.size": (names_in("astroclip_jax.models.specformer", "SIZES"),),
+    "specformer_pretrain.mask_chunks": (POSITIVE,),
+    "specformer_pretrain.mask_width": (POSITIVE, Rule(
+        lambda v, s: (2 * s.specformer_pretrain.mask_chunks - 1) * v <= _spectrum_tokens(s),
+        "a width whose chunks fit the spectrum's tokens with a gap of one width between them "
+        "(upstream's check)", imports=True)),
 }
+
+
+def _spectrum_tokens(settings: "RunSettings") -> int:
+    from astroclip_jax.models import specformer
+
+    return specformer.num_tokens(settings.model.spectrum_length)
 
 
 def _field(settings: Any, name: str) -> Any:

@@ -30,6 +30,7 @@ FREE = {"data.builder_config", "data.data_dir", "data.manual_dir", "data.provabg
         "probe.supervised_image_size", "probe.supervised_spectrum_size",
         "spender_pretrain.init_from", "spender_pretrain.similarity",
         "spender_pretrain.consistency", "spender_pretrain.tower_dir", "moco.tower_dir",
+        "specformer_pretrain.tower_dir",
         "model.grid", "model.spectrum_length"}
 
 
