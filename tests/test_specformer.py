@@ -370,3 +370,17 @@ def test_cli_converts_a_lightning_checkpoint(tmp_path):
     assert again.returncode != 0 and again.stderr.strip().startswith("error:")
     assert len(again.stderr.strip().splitlines()) == 1
     shutil.rmtree(out)
+
+    # No head count in the file: the default 6 cannot split 32 and says so; --num-heads can.
+    del hp["num_heads"]
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hp}, src)
+    bare = subprocess.run([sys.executable, "-m", "converters.specformer", str(src), str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert bare.returncode != 0 and "--num-heads" in bare.stderr and not out.exists()
+    assert len(bare.stderr.strip().splitlines()) == 1
+    given = subprocess.run([sys.executable, "-m", "converters.specformer", str(src), str(out),
+                            "--num-heads", "2"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert given.returncode == 0, given.stderr
+    module, variables, weights = towers.load_tower_module(out)
+    assert weights.config["num_heads"] == 2 and weights.source["num_heads_from"] == "argument"
+    assert max_rel(jax.jit(module.apply)(variables, flux), ref) < RTOL
