@@ -3,10 +3,11 @@
 * Tokenisation and one transformer block: float64 NumPy written here from upstream's equations
   (astroclip/models/specformer.py `preprocess`, `_slice`; astroclip/modules.py), our float32 to
   1e-5 of the largest reference value.
-* The whole forward: a torch model assembled here from torch.nn pieces (Linear, Embedding,
-  LayerNorm, scaled_dot_product_attention, GELU) with upstream's state_dict names and random,
-  non-trivial weights, converted by `converters.specformer`; test size and full size (768 x 6,
-  6 heads, 7781 pixels) to 1e-4 relative in float32.
+* The whole forward: a torch model assembled from torch.nn pieces (Linear, Embedding,
+  LayerNorm, scaled_dot_product_attention, GELU; `benchmarks/torch_specformer.py`, which the
+  benchmark shares) with upstream's state_dict names and random, non-trivial weights, converted
+  by `converters.specformer`; test size and full size (768 x 6, 6 heads, 7781 pixels) to 1e-4
+  relative in float32.
 * mask_chunks: the chunk facts, and its offsets against upstream's `_mask_seq` (transcribed in
   torch below) by a chi-square test of the two samples.
 """
@@ -25,9 +26,10 @@ import pytest
 import scipy.special
 import scipy.stats
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from benchmarks import torch_specformer
+from benchmarks.torch_specformer import TorchSpecFormer, torch_model
 from astroclip_jax.models import specformer as sf
 from astroclip_jax.models import tower_weights, towers
 from converters import specformer as converter
@@ -80,71 +82,6 @@ def numpy_block(x: np.ndarray, p: dict, heads: int) -> np.ndarray:
     return x + u @ p["mlp"]["decoder"]["kernel"] + p["mlp"]["decoder"]["bias"]
 
 
-class TorchBlock(nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.layernorm1, self.layernorm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attention = nn.Module()
-        self.attention.attention, self.attention.projection = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Module()
-        self.mlp.encoder, self.mlp.decoder = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = (a.view(b, t, self.heads, d // self.heads).transpose(1, 2)
-                   for a in self.attention.attention(self.layernorm1(x)).split(d, dim=2))
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
-        x = x + self.attention.projection(y)
-        return x + self.mlp.decoder(F.gelu(self.mlp.encoder(self.layernorm2(x))))
-
-
-class TorchSpecFormer(nn.Module):
-    """SpecFormer from torch.nn pieces, upstream's state_dict names, upstream's preprocess on
-    (B, L, 1) flux."""
-
-    def __init__(self, input_dim, embed_dim, num_layers, num_heads, max_len):
-        super().__init__()
-        self.data_embed = nn.Linear(input_dim, embed_dim)
-        self.position_embed = nn.Embedding(max_len, embed_dim)
-        self.blocks = nn.ModuleList([TorchBlock(embed_dim, num_heads) for _ in range(num_layers)])
-        self.final_layernorm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, input_dim)
-
-    @staticmethod
-    def preprocess(x):
-        std, mean = x.std(1, keepdim=True).clip_(0.2), x.mean(1, keepdim=True)
-        x = (x - mean) / std
-        sections = [x[:, s:s + 20].transpose(1, 2) for s in np.arange(0, x.shape[1] - 10, 10)]
-        x = torch.cat(sections[:-1], 1)
-        x = F.pad(x, pad=(2, 0, 1, 0), mode="constant", value=0)
-        x[:, 0, 0] = (mean.squeeze() - 2) / 2
-        x[:, 0, 1] = (std.squeeze() - 2) / 8
-        return x
-
-    def forward(self, flux):
-        x = self.preprocess(flux[..., None])
-        x = self.data_embed(x) + self.position_embed(torch.arange(x.shape[1]))
-        for block in self.blocks:
-            x = block(x)
-        x = self.final_layernorm(x)
-        return {"embedding": x, "reconstructions": self.head(x)}
-
-
-def randomize(module: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial weights: every tensor drawn (LayerNorm scales around 1, biases non-zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "layernorm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-            elif p.ndim >= 2 and "embed" not in name and "query" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(p.shape[-1]))
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    return module.eval()
-
-
 def spectra(batch: int, length: int = DESI, seed: int = 0) -> np.ndarray:
     """Galaxy-like flux: a continuum of a few units, lines, noise; one faint one (std < 0.2)."""
     rng = np.random.default_rng(seed)
@@ -156,12 +93,6 @@ def spectra(batch: int, length: int = DESI, seed: int = 0) -> np.ndarray:
     flux += rng.normal(0, 0.5, flux.shape)
     flux[0] = 0.3 + rng.normal(0, 0.02, length)  # std clipped to 0.2
     return flux.astype(np.float32)
-
-
-def torch_model(size: str, seed: int = 0) -> TorchSpecFormer:
-    cfg = sf.SIZES[size]
-    return randomize(TorchSpecFormer(cfg["input_dim"], cfg["embed_dim"], cfg["num_layers"],
-                                     cfg["num_heads"], cfg["max_len"]), seed)
 
 
 def state_dict(model: nn.Module) -> dict[str, np.ndarray]:
@@ -237,6 +168,7 @@ def _compare_forward(size: str, batch: int, tmp_path):
 
 
 def test_forward_matches_torch_and_batch_of_one(tmp_path):
+    assert torch_specformer.SIZES == sf.SIZES  # the reference is built at our sizes
     module, variables, flux = _compare_forward("test", 8, tmp_path)
     apply = jax.jit(module.apply)
     eight = np.asarray(apply(variables, flux))
