@@ -316,3 +316,16 @@ def test_cli_converts_a_lightning_checkpoint(tmp_path):
     module, variables, weights = towers.load_tower_module(out)
     assert weights.config["num_heads"] == 2 and weights.source["num_heads_from"] == "argument"
     assert max_rel(jax.jit(module.apply)(variables, flux), ref) < RTOL
+
+
+def test_dropout_only_in_training():
+    # Upstream trains with dropout (0.1 in its defaults; the released model used 0): at inference
+    # a model with dropout is the same function as one without; in training each key differs.
+    flux = spectra(2, 301)
+    base = sf.SpecFormer(**sf.SIZES["test"])
+    noisy = sf.SpecFormer(**sf.SIZES["test"], dropout=0.3)
+    variables = jax.jit(base.init)(jax.random.PRNGKey(0), flux)
+    np.testing.assert_array_equal(jax.jit(noisy.apply)(variables, flux), jax.jit(base.apply)(variables, flux))
+    train = jax.jit(lambda k: noisy.apply(variables, flux, train=True, rngs={"dropout": k}))
+    a, b = train(jax.random.PRNGKey(1)), train(jax.random.PRNGKey(2))
+    assert np.isfinite(a).all() and not np.allclose(a, b)
