@@ -123,8 +123,8 @@ def main(argv=None) -> dict:
             if rel > 1e-4:
                 raise SystemExit(f"{size}: the embeddings differ by {rel:.2e} of the largest value")
             for fw, r in results.items():
-                print(f"{size:10s} {fw:9s} {r['spectra_per_s']:10.1f} {r['peak_mb']:9.0f} "
-                      f"{r.get('device_peak_mb', float('nan')):9.0f}")
+                device = f"{r['device_peak_mb']:9.0f}" if "device_peak_mb" in r else f"{'-':>9s}"
+                print(f"{size:10s} {fw:9s} {r['spectra_per_s']:10.1f} {r['peak_mb']:9.0f} {device}")
                 rows.append({"size": size, "framework": fw, "max_rel_embedding_diff": rel, **r})
     result = {"benchmark": "specformer_forward", "batch": args.batch, "length": LENGTH,
               "steps": args.steps, "machine": platform.platform(), "rows": rows}

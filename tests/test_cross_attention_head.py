@@ -140,6 +140,6 @@ def test_head_mapping_strictness(prefix, kv_dim):
 def test_head_rejects_tokens_of_another_width():
     head = CrossAttentionHead(embed_dim=16, num_heads=2, kv_dim=8)
     x = np.zeros((2, 5, 8), np.float32)
-    variables = head.init(jax.random.PRNGKey(0), x)
+    variables = jax.jit(head.init)(jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match=r"expected \(batch, tokens, 8\)"):
         head.apply(variables, np.zeros((2, 5, 9), np.float32))
