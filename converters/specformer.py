@@ -76,7 +76,9 @@ def infer_config(sd: Mapping[str, np.ndarray], prefix: str, name: str,
     max_len = _carrier_size(sd, prefix, [("position_embed.weight", 0, 2)], "max_len", name)
     blocks = {int(m.group(1)) for k in sd
               if (m := re.fullmatch(re.escape(prefix) + r"blocks\.(\d+)\..+", k))}
-    num_layers = max(blocks) + 1 if blocks else 0  # a gap is a missing key for convert_strict
+    if not blocks:
+        raise ConversionError(f"{name}: no {prefix + 'blocks.<i>.*'!r} keys: not a SpecFormer state_dict")
+    num_layers = max(blocks) + 1  # a gap is a missing key for convert_strict
     found = dict(input_dim=input_dim, embed_dim=embed_dim, num_layers=num_layers, max_len=max_len)
     for field, value in found.items():
         if field in hp and int(hp[field]) != value:

@@ -2,7 +2,7 @@
 
 * Tokenisation and one transformer block: float64 NumPy written here from upstream's equations
   (astroclip/models/specformer.py `preprocess`, `_slice`; astroclip/modules.py), our float32 to
-  1e-5 of the largest reference value.
+  1e-5 of the largest reference value, and our float64 path (JAX x64, in a subprocess) to 1e-10.
 * The whole forward: a torch model assembled from torch.nn pieces (Linear, Embedding,
   LayerNorm, scaled_dot_product_attention, GELU; `benchmarks/torch_specformer.py`, which the
   benchmark shares) with upstream's state_dict names and random, non-trivial weights, converted
@@ -30,6 +30,7 @@ from torch import nn
 
 from benchmarks import torch_specformer
 from benchmarks.torch_specformer import TorchSpecFormer, torch_model
+from astroclip_jax.flat_tree import flatten
 from astroclip_jax.models import specformer as sf
 from astroclip_jax.models import tower_weights, towers
 from converters import specformer as converter
@@ -150,6 +151,41 @@ def test_block_matches_float64_numpy():
     assert max_rel(ours, numpy_block(x.astype(np.float64), params, heads)) < RTOL64
 
 
+_X64_SCRIPT = """
+import sys
+import jax, numpy as np
+from astroclip_jax.flat_tree import unflatten
+from astroclip_jax.models import specformer as sf
+data = dict(np.load(sys.argv[1]))
+flux, x, heads = data.pop("flux"), data.pop("x"), int(data.pop("heads"))
+params = unflatten({k: np.asarray(v, np.float64) for k, v in data.items()})
+assert jax.config.jax_enable_x64
+np.savez(sys.argv[2], tokens=np.asarray(sf.tokenize(flux)),
+         block=np.asarray(sf.TransformerBlock(num_heads=heads).apply({"params": params}, x)))
+"""
+
+
+def test_float64_path_matches_numpy_to_1e10(tmp_path):
+    # The same equations in float64 (JAX x64 needs its own process): agreement to 1e-10 pins
+    # every constant (eps, the std floor and its ddof, the scaling) beyond float32 rounding.
+    d, heads = 48, 3
+    rng = np.random.default_rng(4)
+    flux = spectra(2, 2001).astype(np.float64)
+    x = rng.normal(0, 1, (2, 30, d)) * rng.uniform(0.01, 1, (2, 30, 1))
+    block = sf.TransformerBlock(num_heads=heads)
+    params = jax.jit(block.init)(jax.random.PRNGKey(0), x.astype(np.float32))["params"]
+    params = jax.tree.map(lambda a: np.asarray(a) + rng.normal(0, 0.3, a.shape), params)
+    np.savez(tmp_path / "in.npz", flux=flux, x=x, heads=heads, **flatten(params))
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", _X64_SCRIPT, str(tmp_path / "in.npz"),
+                          str(tmp_path / "out.npz")], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    out = np.load(tmp_path / "out.npz")
+    assert out["tokens"].dtype == out["block"].dtype == np.float64
+    assert max_rel(out["tokens"], numpy_tokens(flux)) < 1e-10
+    assert max_rel(out["block"], numpy_block(x, params, heads)) < 1e-10
+
+
 # --- the whole forward against torch ----------------------------------------------------------
 
 def _compare_forward(size: str, batch: int, tmp_path):
@@ -266,6 +302,8 @@ def test_mapping_strictness(test_sd):
     assert "'blocks.1.attention.projection.weight'" in _one_line_error(wrong, num_heads=2)
     assert "num_heads = 5" in _one_line_error(test_sd, num_heads=5)
     assert "hyper_parameters['embed_dim'] = 64" in _one_line_error(test_sd, hp={"embed_dim": 64})
+    no_blocks = {k: v for k, v in test_sd.items() if not k.startswith("blocks.")}
+    assert "'blocks.<i>.*'" in _one_line_error(no_blocks, num_heads=2)
     nan = dict(test_sd, **{"head.bias": np.full(22, np.nan, np.float32)})
     assert "'head.bias'" in _one_line_error(nan, num_heads=2)
 
