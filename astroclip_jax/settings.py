@@ -454,6 +454,14 @@ def head_count(side: str) -> Rule:
     return Rule(test, f"0 for an mlp head, else a positive divisor of model.{side}.out")
 
 
+def mlp_of_cross_attention(side: str) -> Rule:
+    """A cross-attention head's MLP has one hidden layer, a multiple of its width."""
+    def test(value, settings):
+        head = getattr(settings.model, side)
+        return head.kind == "mlp" or (len(value) == 1 and value[0] % head.out == 0)
+    return Rule(test, f"one width, a multiple of model.{side}.out, for a cross_attention head")
+
+
 def residual_only_across(side: str) -> Rule:
     return Rule(lambda v, s: not v or getattr(s.model, side).kind == "cross_attention",
                 "False for an mlp head (the residual is the cross-attention head's)")
@@ -516,12 +524,12 @@ RULES: dict[str, tuple[Rule, ...]] = {
                               "towers need a fixed image size"),),
     "model.image_head.kind": (one_of("mlp", "cross_attention"),),
     "model.image_head.out": (POSITIVE,),
-    "model.image_head.hidden": (each(POSITIVE),),
+    "model.image_head.hidden": (each(POSITIVE), mlp_of_cross_attention("image_head")),
     "model.image_head.num_heads": (head_count("image_head"),),
     "model.image_head.residual": (residual_only_across("image_head"),),
     "model.spectrum_head.kind": (one_of("mlp", "cross_attention"),),
     "model.spectrum_head.out": (POSITIVE,),
-    "model.spectrum_head.hidden": (each(POSITIVE),),
+    "model.spectrum_head.hidden": (each(POSITIVE), mlp_of_cross_attention("spectrum_head")),
     "model.spectrum_head.num_heads": (head_count("spectrum_head"),),
     "model.spectrum_head.residual": (residual_only_across("spectrum_head"),),
     "model.logit_scale": (POSITIVE,),

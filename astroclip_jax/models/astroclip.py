@@ -209,11 +209,16 @@ def build(settings: ModelSettings, rng: jax.Array) -> tuple[AstroCLIP, Params]:
     if img_kind == "resnet":
         img_cfg = {**img_cfg, "head_hidden": None}
 
+    image_tower = towers.build_tower(img_kind, img_cfg)
+    spectrum_tower = towers.build_tower(spec_kind, spec_cfg)
+    img_feat, spec_feat = jax.eval_shape(
+        lambda iv, sv: (towers.features(img_kind, image_tower, iv, jnp.zeros(img_shape)),
+                        towers.features(spec_kind, spectrum_tower, sv, jnp.zeros(spec_shape))),
+        img_vars, spec_vars)
     model = AstroCLIP(
-        image_tower=towers.build_tower(img_kind, img_cfg),
-        spectrum_tower=towers.build_tower(spec_kind, spec_cfg),
-        image_head=heads.build_head(settings.image_head),
-        spectrum_head=heads.build_head(settings.spectrum_head),
+        image_tower=image_tower, spectrum_tower=spectrum_tower,
+        image_head=heads.build_head(settings.image_head, img_feat.shape[-1]),
+        spectrum_head=heads.build_head(settings.spectrum_head, spec_feat.shape[-1]),
         image_size=size, logit_scale=settings.logit_scale, image_kind=img_kind,
         spectrum_kind=spec_kind)
     params: Params = {"image_tower": img_vars, "spectrum_tower": spec_vars}
@@ -225,8 +230,6 @@ def build(settings: ModelSettings, rng: jax.Array) -> tuple[AstroCLIP, Params]:
         lambda k: model.spectrum_tower.init(k, jnp.zeros(spec_shape),
                                             **_feature_args(spec_kind)), k_spec))[0])
 
-    img_feat, spec_feat = jax.eval_shape(
-        model.tower_features, params, jnp.zeros(img_shape), jnp.zeros(spec_shape))
     params["image_head"] = jax.jit(model.image_head.init)(k_ihead, jnp.zeros(img_feat.shape))
     params["spectrum_head"] = jax.jit(model.spectrum_head.init)(k_shead,
                                                                 jnp.zeros(spec_feat.shape))
