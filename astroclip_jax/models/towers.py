@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from astroclip_jax.errors import ConfigError
 from astroclip_jax.models import tower_weights
 
-KINDS = ("resnet", "spender")
+KINDS = ("resnet", "spender", "dinov2_vit")
 
 
 def _module_class(kind: str):
@@ -29,6 +29,10 @@ def _module_class(kind: str):
         from astroclip_jax.models.spender import SpectrumEncoder
 
         return SpectrumEncoder
+    if kind == "dinov2_vit":
+        from astroclip_jax.models.vit import VisionTransformer
+
+        return VisionTransformer
     raise ValueError(f"unknown tower kind {kind!r}; expected one of {KINDS}")
 
 
@@ -37,6 +41,8 @@ def _sizes(kind: str) -> Mapping[str, Mapping[str, Any]]:
         from astroclip_jax.models.resnet import SIZES
     elif kind == "spender":
         from astroclip_jax.models.spender import SIZES
+    elif kind == "dinov2_vit":
+        from astroclip_jax.models.vit import SIZES
     else:
         raise ValueError(f"unknown tower kind {kind!r}; expected one of {KINDS}")
     return SIZES
@@ -48,7 +54,7 @@ def _hashable(value: Any) -> Any:
 
 
 def build_tower(kind: str, config: Mapping[str, Any]) -> nn.Module:
-    """The Flax module of a tower kind ("resnet" or "spender") from its config dict."""
+    """The Flax module of a tower kind (one of `KINDS`) from its config dict."""
     return _module_class(kind)(**{k: _hashable(v) for k, v in config.items()})
 
 
