@@ -8,10 +8,11 @@ random init plus a random `mask_token`; its weights go through `converters.dinov
 a tower directory, so both sides hold the same numbers. `--path cls` times the standalone
 DINOv2 forward (timm `forward_features(x)[:, 0]`), `--path tokens` AstroCLIP's use of the
 backbone (norm(blocks(patch_embed(x))), no CLS, no positions). Each framework runs in its own
-subprocess, so its peak resident memory (VmHWM, `measure.peak_mb`) is its own; each first
-checks its output on the shared batch against the other's (1e-4 relative), then the median
-wall time of --iters calls after a warm-up (JAX: the compile) gives images/s. Printed as a
-table; written as JSON to benchmarks/results/vit_forward-LABEL.json.
+subprocess, so its peak resident memory (VmHWM, `measure.peak_mb`) is its own; the median
+wall time of --iters calls after a warm-up (JAX: the compile) gives images/s, the median
+process CPU time the work per image; the two outputs on the shared batch must agree (1e-4
+relative) or nothing is reported. Printed as a table; written as JSON to
+benchmarks/results/vit_forward-LABEL.json.
 """
 
 from __future__ import annotations
@@ -54,17 +55,19 @@ def _images(batch: int, size: int) -> np.ndarray:
     return np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype(np.float32)
 
 
-def _timed(call, iters: int) -> tuple[float, list[float]]:
-    """(first call's seconds, the following calls' seconds)."""
+def _timed(call, iters: int) -> dict:
+    """The first call's wall seconds, and wall and process-CPU seconds of the following calls:
+    on a shared machine the CPU time says how much work a batch takes, whatever other jobs
+    leave free."""
     t0 = time.perf_counter()
     call()
-    first = time.perf_counter() - t0
-    times = []
+    out = {"first_s": time.perf_counter() - t0, "times_s": [], "cpu_s": []}
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         call()
-        times.append(time.perf_counter() - t0)
-    return first, times
+        out["times_s"].append(time.perf_counter() - t0)
+        out["cpu_s"].append(time.process_time() - c0)
+    return out
 
 
 def run_torch(args) -> dict:
@@ -83,8 +86,7 @@ def run_torch(args) -> dict:
             return model.norm(model.blocks(model.patch_embed(x)))
 
     np.save(args.out, forward().numpy())
-    first, times = _timed(forward, args.iters)
-    return {"first_s": first, "times_s": times, "threads": torch.get_num_threads(),
+    return {**_timed(forward, args.iters), "threads": torch.get_num_threads(),
             "version": torch.__version__, **measure.peak_mb()}
 
 
@@ -102,9 +104,9 @@ def run_jax(args) -> dict:
     def forward():
         return jax.block_until_ready(fwd(variables, x))
 
-    first, times = _timed(forward, args.iters)  # first: compile + run
+    timing = _timed(forward, args.iters)  # first: compile + run
     np.save(args.out, np.asarray(forward()))
-    return {"first_s": first, "times_s": times, "version": jax.__version__, **measure.peak_mb()}
+    return {**timing, "version": jax.__version__, **measure.peak_mb()}
 
 
 def _child(args) -> None:
@@ -167,15 +169,18 @@ def main(argv=None) -> dict | None:
         "jax_compile_and_first_s": round(results["jax"]["first_s"], 2),
         "jax_times_s": [round(t, 3) for t in results["jax"]["times_s"]],
         "torch_times_s": [round(t, 3) for t in results["torch"]["times_s"]],
+        **{f"{fw}_cpu_s_per_image": round(statistics.median(r["cpu_s"]) / args.batch, 3)
+           for fw, r in results.items()},
         "torch_threads": results["torch"]["threads"], "jax": results["jax"]["version"],
         "torch": results["torch"]["version"], "cpu_count": os.cpu_count(),
         "load_avg": os.getloadavg()[0], "machine": platform.machine(),
     }
-    print(f"{'label':<12}{'path':>7}{'batch':>6}{'framework':>10}{'img/s':>9}{'peak MB':>9}"
-          f"{'first s':>9}")
+    print(f"{'label':<12}{'path':>7}{'batch':>6}{'framework':>10}{'img/s':>9}{'cpu s/img':>10}"
+          f"{'peak MB':>9}{'first s':>9}")
     for fw in ("torch", "jax"):
         print(f"{result['label']:<12}{args.path:>7}{args.batch:>6}{fw:>10}{ips[fw]:>9.2f}"
-              f"{results[fw]['peak_mb']:>9.0f}{results[fw]['first_s']:>9.1f}")
+              f"{result[fw + '_cpu_s_per_image']:>10.2f}{results[fw]['peak_mb']:>9.0f}"
+              f"{results[fw]['first_s']:>9.1f}")
     print(f"jax / torch images/s: {result['jax_over_torch']:.2f}; outputs agree to {rel:.1e}; "
           f"load average {result['load_avg']:.1f}")
 

@@ -6,7 +6,8 @@ INPUT (a path or URL that `common.fetch` reads) is one of:
   * `astrodino.ckpt` (polymathic-ai/astrodino): DINOv2's teacher checkpoint
     `{"teacher": {"backbone.<vit key>": ..., "dino_head.*": ...}}` (the `dino_head.*` /
     `ibot_head.*` projection heads are training-only and deliberately dropped, see `IGNORED`);
-  * a plain DINOv2 backbone state_dict, with or without the `backbone.` prefix.
+  * a plain DINOv2 backbone state_dict, with or without the `backbone.` prefix, bare or as a
+    Lightning-style `{"state_dict": ..., "hyper_parameters": ...}`.
 Block names may be chunked (`blocks.<chunk>.<i>.*`, AstroDINO's `block_chunks: 4`) or not
 (`blocks.<i>.*`); blocks are taken by their index i, never by the order of the keys.
 
@@ -213,6 +214,8 @@ def extract_state_dict(obj: Any, name: str) -> tuple[dict[str, np.ndarray], str,
         if others:  # training checkpoints carry optimiser state etc.: not this file
             raise ConversionError(f"{name}: unexpected top-level key(s) {others[:10]} next to "
                                   "'teacher' (expected DINOv2's teacher checkpoint {'teacher': ...})")
+    elif isinstance(obj, Mapping) and "state_dict" in obj:  # Lightning: may state num_heads
+        state, fmt = obj["state_dict"], "lightning-state-dict"
     else:
         state, fmt = obj, "dinov2-state-dict"
     if not isinstance(state, Mapping):

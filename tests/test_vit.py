@@ -348,12 +348,17 @@ def test_rejects_missing_block_and_misplaced_chunks(state):
     _refused(swapped, r"block 1 is in chunk 0 after block 0 in chunk 1")
 
 
-def test_num_heads_rule_and_hyper_parameters(state):
+def test_num_heads_rule_and_hyper_parameters(state, small, tmp_path):
     """Heads are in no tensor: dinov2's head width 64 unless told (hyper-parameters or flag)."""
     assert conv.infer_config(state, "backbone.", "x")["num_heads"] == 1  # width 64
-    assert conv._hyper_num_heads({"hyper_parameters": {"num_heads": 4}}) == 4
     with pytest.raises(common.ConversionError, match=r"num_heads 3 does not divide the width 64"):
         conv.infer_config(state, "backbone.", "x", num_heads=3)
+    backbone = {k: torch.from_numpy(v) for k, v in _dinov2_state(small[0], 0, 1).items()}
+    torch.save({"state_dict": backbone, "hyper_parameters": {"num_heads": 4}, "epoch": 3},
+               tmp_path / "lightning.ckpt")
+    _, _, weights = towers.load_tower_module(conv.convert(str(tmp_path / "lightning.ckpt"),
+                                                          str(tmp_path / "tower")))
+    assert weights.config["num_heads"] == 4 and weights.source["format"] == "lightning-state-dict"
 
 
 def test_tower_sizes_build():
