@@ -247,7 +247,7 @@ def test_masked_tokens_use_mask_token(small):
     images = _images(2, TEST["img_size"], seed=5)
     masks = np.zeros((2, 16), bool)
     masks[0, [1, 6, 7]] = masks[1, [0, 15]] = True
-    mask_token = torch.from_numpy(np.asarray(variables["params"]["mask_token"]))
+    mask_token = torch.from_numpy(np.array(variables["params"]["mask_token"]))  # a writable copy
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
     with torch.no_grad():
         patches = model.patch_embed(x)
