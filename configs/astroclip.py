@@ -74,8 +74,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         train.epochs = 10
     elif arg == "synthetic":
         data.image_crop = 96  # 64 patches of 12 px: a CPU-sized ViT
-        model.image_tower.size = "small"
-        model.spectrum_tower.size = "small"
+        model.image_tower.size = "mini"
+        model.spectrum_tower.size = "mini"
         for head in (model.image_head, model.spectrum_head):
             head.out, head.hidden = 256, (1024,)
         train.batch_size = 128

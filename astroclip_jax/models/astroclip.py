@@ -144,7 +144,10 @@ def _tower(kind: str, tower: TowerSettings, rng: jax.Array, example_shape: Seque
 
 # Flax's default initialisers, by leaf name (kernels: LeCun normal over the fan-in).
 _CONSTANT_INIT = {"bias": 0.0, "scale": 1.0, "mean": 0.0, "var": 1.0,
-                  "negative_slope": 0.25}  # PReLU's torch default
+                  "negative_slope": 0.25,  # PReLU's torch default
+                  "mask_token": 0.0, "gamma": 1.0}  # ViT: unused iBOT token, LayerScale
+# Normal(0, std) leaves: token and position tables (DINOv2, SpecFormer), a learned query.
+_NORMAL_INIT = {"cls_token": 0.02, "pos_embed": 0.02, "embedding": 0.02, "query": 1.0}
 
 
 def random_tower_variables(abstract: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
@@ -168,6 +171,9 @@ def random_tower_variables(abstract: Mapping[str, Any], rng: jax.Array) -> dict[
             flat[name] = (x / 0.87962566103423978 / math.sqrt(fan_in)).astype(leaf.dtype)
         elif leaf_name in _CONSTANT_INIT:
             flat[name] = np.full(leaf.shape, _CONSTANT_INIT[leaf_name], leaf.dtype)
+        elif leaf_name in _NORMAL_INIT:
+            flat[name] = (gen.standard_normal(leaf.shape) * _NORMAL_INIT[leaf_name]).astype(
+                leaf.dtype)
         else:
             raise ValueError(f"no random initialiser for tower variable {name!r}")
     return unflatten(flat)

@@ -44,6 +44,8 @@ SIZES: dict[str, dict[str, Any]] = {
                           mlp_hidden=4096),
     "small": dict(img_size=144, patch_size=12, embed_dim=384, depth=12, num_heads=6, mlp_hidden=1536),
     "test": dict(img_size=48, patch_size=12, embed_dim=64, depth=2, num_heads=4, mlp_hidden=256),
+    # configs/astroclip.py:synthetic, pretrained here by MoCo v2 on a CPU (96 px: 64 patches).
+    "mini": dict(img_size=96, patch_size=12, embed_dim=128, depth=4, num_heads=4, mlp_hidden=512),
 }
 
 _LN_EPS = 1e-6  # dinov2: norm_layer = partial(nn.LayerNorm, eps=1e-6)
