@@ -10,7 +10,7 @@ magnitudes) and each target (`probe.regression_targets`, `probe.classification_t
 
 - zero-shot kNN: the paper's (16 neighbours, distance-weighted) and AstroCLIP v2's (64 on
   standardised features), fitted on all labelled fit rows;
-- ridge and MLP probes (`probes.py`) on `probe.fractions` of the labelled fit rows, each
+- ridge and MLP probes (`probe_methods.py`) on `probe.fractions` of the labelled fit rows, each
   fraction drawn per seed (`probe.seeds`): the mean and std over seeds;
 - supervised bounds (`training/supervised.py`): the image tower's architecture on the images,
   the Spender encoder on the spectra, an MLP on the magnitudes, trained end to end on the
@@ -39,7 +39,7 @@ from tqdm import tqdm
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.data import pipeline
 from astroclip_jax.errors import ConfigError, DataError
-from astroclip_jax.evaluation import knn, probes, runner
+from astroclip_jax.evaluation import knn, probe_methods, runner
 
 SUPERVISED_DIR = "probe_supervised"
 # What each supervised bound sees (its rows' "features" in the table).
@@ -111,8 +111,8 @@ def feature_sets(arrays, probe: settings_lib.ProbeSettings, fit_rows, query_rows
     return out
 
 
-def _mlp_config(probe: settings_lib.ProbeSettings) -> probes.MLPConfig:
-    return probes.MLPConfig(hidden=tuple(probe.mlp_hidden), dropout=probe.mlp_dropout,
+def _mlp_config(probe: settings_lib.ProbeSettings) -> probe_methods.MLPConfig:
+    return probe_methods.MLPConfig(hidden=tuple(probe.mlp_hidden), dropout=probe.mlp_dropout,
                             learning_rate=probe.mlp_learning_rate,
                             batch_size=probe.mlp_batch_size, max_epochs=probe.mlp_max_epochs,
                             patience=probe.mlp_patience)
@@ -145,16 +145,16 @@ def probe_features(name, fit_x, query_x, y_fit, y_query, labels_fit, labels_quer
     y_fit (N, T) regression targets; labels_* {column: int labels}; n_classes {column: K}."""
     targets = list(probe.regression_targets)
     entries = []
-    for method, fn in (("knn16", probes.knn_paper), ("knn64_std", probes.knn_v2)):
+    for method, fn in (("knn16", probe_methods.knn_paper), ("knn64_std", probe_methods.knn_v2)):
         k = knn_neighbors if method == "knn16" else probe.knn_v2_neighbors
         for t, target in enumerate(targets):
             pred = fn(fit_x, y_fit[:, t], query_x, k)
-            entries.append(_entry(name, method, target, "r2", [probes.r2(y_query[:, t], pred)],
+            entries.append(_entry(name, method, target, "r2", [probe_methods.r2(y_query[:, t], pred)],
                                   1.0, len(fit_x)))
         for column, lab in labels_fit.items():
-            scores = probes.knn_classify(fit_x, lab, query_x, n_classes[column], k,
+            scores = probe_methods.knn_classify(fit_x, lab, query_x, n_classes[column], k,
                                          standardised=method == "knn64_std")
-            for metric, value in probes.classification_scores(labels_query[column],
+            for metric, value in probe_methods.classification_scores(labels_query[column],
                                                               scores).items():
                 entries.append(_entry(name, method, column, metric, [value], 1.0, len(fit_x)))
     cfg = _mlp_config(probe)
@@ -162,28 +162,28 @@ def probe_features(name, fit_x, query_x, y_fit, y_query, labels_fit, labels_quer
         per = {}  # (method, target, metric) -> [value per seed]
         n_lab = 0
         for seed in probe.seeds:
-            rows = probes.few_shot_rows(len(fit_x), fraction, seed)
+            rows = probe_methods.few_shot_rows(len(fit_x), fraction, seed)
             n_lab = len(rows)
             x, yv = fit_x[rows], y_fit[rows]
-            ridge, _ = probes.ridge_probe(x, yv, query_x, probe.ridge_alphas,
+            ridge, _ = probe_methods.ridge_probe(x, yv, query_x, probe.ridge_alphas,
                                           probe.val_fraction, seed)
-            mlp = probes.mlp_probe(x, yv, query_x, cfg, probe.val_fraction, seed,
+            mlp = probe_methods.mlp_probe(x, yv, query_x, cfg, probe.val_fraction, seed,
                                    pad_to=len(fit_x))
             for t, target in enumerate(targets):
                 per.setdefault(("ridge", target, "r2"), []).append(
-                    probes.r2(y_query[:, t], ridge[:, t]))
+                    probe_methods.r2(y_query[:, t], ridge[:, t]))
                 per.setdefault(("mlp", target, "r2"), []).append(
-                    probes.r2(y_query[:, t], mlp[:, t]))
+                    probe_methods.r2(y_query[:, t], mlp[:, t]))
             for column, lab in labels_fit.items():
                 k = n_classes[column]
                 for method, scores in (
-                        ("ridge", probes.ridge_classify(x, lab[rows], query_x, k,
+                        ("ridge", probe_methods.ridge_classify(x, lab[rows], query_x, k,
                                                         probe.ridge_alphas, probe.val_fraction,
                                                         seed)),
-                        ("mlp", probes.mlp_classify(x, lab[rows], query_x, k, cfg,
+                        ("mlp", probe_methods.mlp_classify(x, lab[rows], query_x, k, cfg,
                                                     probe.val_fraction, seed,
                                                     pad_to=len(fit_x)))):
-                    for metric, value in probes.classification_scores(
+                    for metric, value in probe_methods.classification_scores(
                             labels_query[column], scores, seen=lab[rows]).items():
                         per.setdefault((method, column, metric), []).append(value)
         for (method, target, metric), values in per.items():
@@ -208,7 +208,7 @@ def supervised_bounds(arrays, fit_rows, query_rows, y_fit, y_query, probe, run, 
     from astroclip_jax.training import supervised
 
     entries, summaries = [], {}
-    tr, va = probes.validation_split(len(fit_rows), probe.val_fraction, seed)
+    tr, va = probe_methods.validation_split(len(fit_rows), probe.val_fraction, seed)
     mean, std = y_fit[tr].mean(axis=0), np.where(y_fit[tr].std(axis=0) > 0,
                                                  y_fit[tr].std(axis=0), 1.0)
     ys = (y_fit - mean) / std
@@ -221,7 +221,7 @@ def supervised_bounds(arrays, fit_rows, query_rows, y_fit, y_query, probe, run, 
         x_fit = supervised_inputs(modality, arrays, fit_rows, data, split, probe)
         x_query = supervised_inputs(modality, arrays, query_rows, data, split, probe)
         if modality == "photometry":  # magnitudes ~18: standardised by the training rows
-            _, x_fit, x_query = (a.astype(np.float32) for a in probes.standardise(
+            _, x_fit, x_query = (a.astype(np.float32) for a in probe_methods.standardise(
                 x_fit[tr], x_fit, x_query))
         rows = supervised.Rows(x_fit[tr], ys[tr].astype(np.float32), x_fit[va],
                                ys[va].astype(np.float32))
@@ -233,7 +233,7 @@ def supervised_bounds(arrays, fit_rows, query_rows, y_fit, y_query, probe, run, 
         summaries[modality] = summary
         for t, target in enumerate(probe.regression_targets):
             entries.append(_entry(SUPERVISED_INPUTS[modality], "supervised", target, "r2",
-                                  [probes.r2(y_query[:, t], pred[:, t])], 1.0, len(fit_rows),
+                                  [probe_methods.r2(y_query[:, t], pred[:, t])], 1.0, len(fit_rows),
                                   modality=modality))
         log(f"probe: supervised {modality} bound trained in {summary['seconds']} s "
             f"(best epoch {summary['best_epoch']})")
