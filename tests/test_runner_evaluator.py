@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from astroclip_jax.evaluation import embed, runner
+from astroclip_jax.evaluation import embed_rows, embeddings, runner
 from configs import spender
 
 META = {"split": "test", "n": 3, "checkpoint": {"step": 6, "directory": "/run/checkpoints"},
@@ -28,7 +28,7 @@ def loads(monkeypatch):
         calls.append((settings, workdir))
         return arrays, META, "the data settings"
 
-    monkeypatch.setattr(embed, "load_or_compute_embeddings", load)
+    monkeypatch.setattr(embeddings, "load_or_compute_embeddings", load)
     return calls
 
 
@@ -109,7 +109,7 @@ def test_examples_are_read_as_the_embeddings_were(tmp_path, loads, monkeypatch):
                 "spectrum": np.stack([np.full(5, r, np.float32) for r in rows]),
                 "wave": np.linspace(3600, 9824, 5)}
 
-    monkeypatch.setattr(embed, "read_examples", read_examples)
+    monkeypatch.setattr(embed_rows, "read_examples", read_examples)
     got = []
 
     def evaluate(inputs):

@@ -96,7 +96,8 @@ def test_an_image_only_survey_embeds_from_the_command_line(smoke_run, tmp_path):
     # The README's command line.
     proc = cli_runs.run("embed", workdir, f"--config.eval.survey_file={folder}",
                         "--config.eval.embed_inputs=False", "--config.eval.embed_chunk_rows=20")
-    table = embed.embeddings_path(workdir, "survey-south")
+    table = embed.embeddings_path(workdir, embed.survey_table_name(SurveyFiles(folder)))
+    assert os.path.basename(table).startswith("survey-south-")
     assert table in proc.stdout
     arrays, meta, _ = embed.read_embeddings(table)
     assert meta["modality"] == "image" and meta["n"] == 52 and meta["files"] == 2

@@ -3,7 +3,7 @@
     run_evaluator(config, workdir, "eval_knn", knn.evaluate)
 
 resolves the settings, refuses early (before any expensive work) to overwrite an earlier
-result unless `eval.overwrite`, loads the embeddings of the run (`embed.py`: computed once,
+result unless `eval.overwrite`, loads the embeddings of the run (`embeddings.py`: computed once,
 reused after), hands them to the evaluator, then writes its figures (PNG) and its report
 (`results.json`) atomically into `workdir/<mode>/` and prints its summary lines. An evaluator
 is a pure function `evaluate(EvalInputs) -> EvalResult`: numbers and figures from embeddings and
@@ -23,7 +23,7 @@ import numpy as np
 from astroclip_jax import files, locks
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.errors import WouldOverwrite
-from astroclip_jax.evaluation import embed
+from astroclip_jax.evaluation import embed_rows, embeddings
 
 RESULT_FILE = "results.json"
 
@@ -113,7 +113,7 @@ def evaluation_directory(workdir: str, mode: str) -> Iterator[None]:
         yield
         return
     with locks.DirectoryLock(workdir, f"evaluation ({mode})", name="evaluation"):
-        for folder in (embed.EMBEDDINGS_DIR, "eval_knn", "search", "cluster", "probe"):
+        for folder in (embeddings.EMBEDDINGS_DIR, "eval_knn", "search", "cluster", "probe"):
             files.remove_leftovers(os.path.join(workdir, folder))
         yield
 
@@ -121,7 +121,7 @@ def evaluation_directory(workdir: str, mode: str) -> Iterator[None]:
 def _examples_reader(data, split: str, image_size: int):
     def examples(rows) -> dict[str, Any]:
         rows = np.asarray(rows, np.int64)
-        ex = embed.read_examples(data, split, rows, image_size)
+        ex = embed_rows.read_examples(data, split, rows, image_size)
         return {"image": dict(zip(rows.tolist(), ex["image"])),
                 "spectrum": dict(zip(rows.tolist(), ex["spectrum"])), "wave": ex["wave"]}
     return examples
@@ -137,7 +137,7 @@ def run_evaluator(config, workdir: str, mode: str,
 
 
 def _run(settings, workdir, mode, out, evaluate):
-    arrays, meta, data = embed.load_or_compute_embeddings(settings, workdir)
+    arrays, meta, data = embeddings.load_or_compute_embeddings(settings, workdir)
     result = evaluate(EvalInputs(arrays=arrays, meta=meta, settings=settings.eval,
                                  examples=_examples_reader(data, meta["split"],
                                                            meta["image_size"]),
