@@ -153,7 +153,8 @@ def test_no_modules_import_each_other_in_a_circle():
 @pytest.mark.parametrize("sources", [
     {"astroclip_jax.evaluation.embed": "from astroclip_jax.evaluation import runner",
      "astroclip_jax.evaluation.runner": "def f():\n    from astroclip_jax.evaluation import embed"},
-    {"astroclip_jax.data.a": "from . import b", "astroclip_jax.data.b": "import astroclip_jax.data.c",
+    {"astroclip_jax.data.a": "from . import b",
+     "astroclip_jax.data.b": "import astroclip_jax.data.c",
      "astroclip_jax.data.c": "from astroclip_jax.data.a import thing"},
     {"astroclip_jax.files": "from astroclip_jax import locks",
      "astroclip_jax.locks": "from astroclip_jax.files import atomic_path"},

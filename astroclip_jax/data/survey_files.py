@@ -195,13 +195,14 @@ class SurveyFiles:
         ids = np.concatenate(ids)
         with np.errstate(invalid="ignore"):
             valid = ((ids >= 0) & (ids <= _INT64_MAX) if ids.dtype.kind in "iu"
-                     else np.isfinite(ids) & (ids >= 0) & (ids < 2.0 ** 63) & (ids == np.round(ids)))
+                     else np.isfinite(ids) & (ids >= 0) & (ids < 2.0 ** 63)
+                     & (ids == np.round(ids)))
         if not valid.all() and policy == "raise":
             row = int(np.flatnonzero(~valid)[0])
             file, at = self.locate(row)
             raise DataError(
-                f"survey file {file}, row {at}: targetid {ids[row]!r}; expected a non-negative "
-                f"integer ({int((~valid).sum())} such row(s) in {self.path}). Set "
+                f"survey file {file}, row {at}: targetid {ids[row].item()!r}; expected a "
+                f"non-negative integer ({int((~valid).sum())} such row(s) in {self.path}). Set "
                 "data.duplicate_policy='drop' to leave such rows out")
         keys = np.where(valid, ids, 0).astype(np.int64)
         order = np.flatnonzero(valid)[np.argsort(keys[valid], kind="stable")]  # file order kept

@@ -108,9 +108,10 @@ class _ChunkEmbedder:
         parts: dict[str, list[np.ndarray]] = {}
         for covered, batch in self.batches(start, stop):
             count = len(batch["index"])  # fewer than covered where a survey leaves rows out
-            model_inputs = {k: sharding.shard_batch({k: pipeline.pad_rows(batch[k], self.batch_size)},
-                                                    self.mesh)[k]
-                            for k in self.rows.modalities}
+            model_inputs = {
+                k: sharding.shard_batch({k: pipeline.pad_rows(batch[k], self.batch_size)},
+                                        self.mesh)[k]
+                for k in self.rows.modalities}
             out = {k: np.asarray(v)[:count].astype(np.float32)
                    for k, v in self.fn(self.params, self.untrained, model_inputs).items()}
             if self.inputs:
