@@ -190,8 +190,11 @@ class SurveyFiles:
             return np.zeros(0, np.int64)
         ids = []
         for name in self.files:
-            with h5py.File(name, "r") as f:
-                ids.append(np.asarray(f[TARGETID][:]))
+            try:
+                with h5py.File(name, "r") as f:
+                    ids.append(np.asarray(f[TARGETID][:]))
+            except (OSError, KeyError) as err:  # truncated or changed since it was opened
+                raise DataError(f"survey file {name}: cannot read '{TARGETID}' ({err})") from None
         ids = np.concatenate(ids)
         with np.errstate(invalid="ignore"):
             valid = ((ids >= 0) & (ids <= _INT64_MAX) if ids.dtype.kind in "iu"
