@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
+from astroclip_jax.errors import ConfigError
 from astroclip_jax.evaluation import embed_rows, embeddings, runner
 from configs import spender
 
@@ -122,3 +123,15 @@ def test_examples_are_read_as_the_embeddings_were(tmp_path, loads, monkeypatch):
     assert sorted(ex["image"]) == sorted(ex["spectrum"]) == [0, 2]
     assert ex["image"][2].max() == ex["spectrum"][2].max() == 2 and ex["image"][0].max() == 0
     assert ex["wave"].shape == (5,)
+
+
+def test_an_evaluation_of_a_survey_is_refused_in_one_line_before_embedding(tmp_path, loads):
+    """An evaluator reads image-spectrum pairs and their catalogue; a one-modality survey has
+    neither (before: a KeyError traceback after embedding the whole survey)."""
+    config = _config()
+    config.eval.survey_file = "/data/legacysurvey/south"
+    with pytest.raises(ConfigError, match=r"^config field eval.survey_file is "
+                                          r"'/data/legacysurvey/south': eval_test evaluates the "
+                                          r"image-spectrum pairs"):
+        runner.run_evaluator(config, str(tmp_path), "eval_test", _evaluator([]))
+    assert loads == [] and not os.path.exists(tmp_path / "eval_test")

@@ -22,7 +22,7 @@ import numpy as np
 
 from astroclip_jax import files, locks
 from astroclip_jax import settings as settings_lib
-from astroclip_jax.errors import WouldOverwrite
+from astroclip_jax.errors import ConfigError, WouldOverwrite
 from astroclip_jax.evaluation import embed_rows, embeddings
 
 RESULT_FILE = "results.json"
@@ -137,6 +137,12 @@ def run_evaluator(config, workdir: str, mode: str,
 
 
 def _run(settings, workdir, mode, out, evaluate):
+    if settings.eval.survey_file:  # before embedding a whole survey for nothing
+        raise ConfigError(
+            f"config field eval.survey_file is {settings.eval.survey_file!r}: {mode} evaluates "
+            "the image-spectrum pairs of a dataset split (eval.split) with their catalogue, "
+            "which a one-modality survey does not have; --mode=embed embeds a survey. Unset "
+            "eval.survey_file to evaluate the run")
     arrays, meta, data = embeddings.load_or_compute_embeddings(settings, workdir)
     result = evaluate(EvalInputs(arrays=arrays, meta=meta, settings=settings.eval,
                                  examples=_examples_reader(data, meta["split"],
