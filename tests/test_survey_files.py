@@ -244,8 +244,14 @@ def test_a_poisoned_survey_embeds_its_good_rows_under_its_own_name(smoke_run, tm
     shutil.copytree(smoke_run, workdir, ignore=shutil.ignore_patterns("embeddings"))
     config = spender.get_config("smoke")
     config.data.data_dir = cli_runs.DATA_DIR
-    config.data.nan_policy, config.data.duplicate_policy = "mask", "drop"
     config.eval.survey_file, config.eval.embed_chunk_rows = folder, 16
+    config.data.duplicate_policy = "drop"
+    # nan_policy "raise": one line naming the first bad row, and no empty table left behind.
+    with pytest.raises(DataError, match=r"survey file .*images_000.h5, row 4 \(targetid "
+                                        rf"{ids[4]}\): image has non-finite flux"):
+        embed.ensure_embeddings(settings_lib.resolve(config), workdir, log=lambda line: None)
+    assert not os.path.exists(os.path.join(workdir, "embeddings"))
+    config.data.nan_policy = "mask"
     settings = settings_lib.resolve(config)
     lines = []
     directory, manifest, _ = embed.ensure_embeddings(settings, workdir, log=lines.append)
