@@ -644,8 +644,10 @@ RULES: dict[str, tuple[Rule, ...]] = {
 
 
 def _spectrum_tokens(settings: "RunSettings") -> int:
-    from astroclip_jax.models import specformer
+    """SpecFormer's token count for the run's spectra (imported when checked, as `names_in`)."""
+    import importlib
 
+    specformer = importlib.import_module("astroclip_jax.models.specformer")
     return specformer.num_tokens(settings.model.spectrum_length)
 
 

@@ -103,14 +103,15 @@ def in_memory(workdir: str, survey: str, out: str, batch_size: int) -> None:
     import tqdm
 
     from astroclip_jax import settings as settings_lib
-    from astroclip_jax.evaluation import embed, restore
+    from astroclip_jax.evaluation import embed, embed_stream, restore
     from configs import spender
 
     trained = restore.restore_trained_model(workdir, "best")
     settings = settings_lib.resolve(spender.get_config("smoke"))
     data = embed.data_for_run(settings.data, trained.settings)
-    rows = embed.survey_rows(data, survey, trained.settings.model.spectrum_length)
-    arrays = embed._ChunkEmbedder(trained, rows, batch_size, inputs=True).chunk(
+    rows = embed.survey_rows(data, survey, trained.settings.model.spectrum_length,
+                             trained.model.image_size)
+    arrays = embed_stream._ChunkEmbedder(trained, rows, batch_size, inputs=True).chunk(
         0, rows.n, tqdm.tqdm(disable=True))
     embed.write_embeddings(out, arrays, {"n": rows.n}, "in-memory")
 

@@ -14,7 +14,7 @@ import pytest
 import cli_runs
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.data import pipeline, preprocess
-from astroclip_jax.evaluation import embed, restore, runner
+from astroclip_jax.evaluation import embed, embeddings, restore, runner
 from configs import spender
 
 
@@ -103,7 +103,7 @@ def test_reuse_and_stale_file_kept(tmp_path, monkeypatch):
     run = _run_settings()  # the run's own settings, as its checkpoint stores them
     trained = {"step": 6, "params": _params(0.5)}
     computed = []
-    monkeypatch.setattr(embed.restore, "restore_trained_model", lambda workdir, which: (
+    monkeypatch.setattr(embeddings.restore, "restore_trained_model", lambda workdir, which: (
         types.SimpleNamespace(settings=run, **trained)))
 
     last = {}
@@ -119,8 +119,8 @@ def test_reuse_and_stale_file_kept(tmp_path, monkeypatch):
                                {"split": "test", "n": 5, "checkpoint": {"step": step}}, key)
         return embed.embedding_manifest(directory)
 
-    monkeypatch.setattr(embed, "rows_for", fake_rows)
-    monkeypatch.setattr(embed, "embed_to_directory", fake_compute)
+    monkeypatch.setattr(embeddings, "rows_for", fake_rows)
+    monkeypatch.setattr(embeddings, "embed_to_directory", fake_compute)
     cli = _run_settings(data_dir="/data/tfds")
     a1, _, data = embed.load_or_compute_embeddings(cli, str(tmp_path))
     # The dataset the command line names, preprocessed as the run's model saw its data.

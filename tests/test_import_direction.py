@@ -5,10 +5,12 @@
 
 Every `import` and `from ... import` in the package is read with `ast` (those inside functions
 too: a lazy import is still a dependency). The core package also never imports torch or
-TensorFlow (only `converters/`, tests and benchmarks may).
+TensorFlow (only `converters/`, tests and benchmarks may), and no modules import each other in a
+circle, within a stage or across it (`graphlib` finds one if there is).
 """
 
 import ast
+import graphlib
 import os
 
 import pytest
@@ -30,19 +32,23 @@ def stage_of(module: str) -> int:
     return 0  # astroclip_jax.<top-level module>
 
 
+def from_module(node: ast.ImportFrom, module: str) -> str:
+    """The absolute name of the module a `from ... import` in `module` reads from."""
+    if not node.level:
+        return node.module
+    package_parts = module.split(".")[:-1]  # relative: resolve against this module's package
+    base = ".".join(package_parts[:len(package_parts) - node.level + 1])
+    return f"{base}.{node.module}" if node.module else base
+
+
 def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
     """(line, absolute module name) of every import in `source` (module `module`)."""
     found = []
-    package_parts = module.split(".")[:-1]
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: resolve against this module's package
-                base = ".".join(package_parts[:len(package_parts) - node.level + 1])
-                name = f"{base}.{node.module}" if node.module else base
-            else:
-                name = node.module
+            name = from_module(node, module)
             found.append((node.lineno, name))
             # `from astroclip_jax import training` imports the subpackage itself.
             if name == PACKAGE:
@@ -97,3 +103,69 @@ def test_the_check_catches_each_kind_of_violation(module, source):
 def test_the_check_allows_the_flow():
     assert not violations("from astroclip_jax.data import preprocess\nfrom ..models import heads\n"
                           "from astroclip_jax import settings", "astroclip_jax.training.steps")
+
+
+def module_graph(sources: dict[str, str]) -> dict[str, set[str]]:
+    """{module: the package modules it imports} for `sources` ({module: its source}).
+    `from a.b import c` is an edge to the module a.b.c when there is one, else to a.b."""
+    graph = {}
+    for module, source in sources.items():
+        edges = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                edges |= {alias.name for alias in node.names if alias.name in sources}
+            elif isinstance(node, ast.ImportFrom):
+                name = from_module(node, module)
+                for alias in node.names:
+                    target = f"{name}.{alias.name}"
+                    edges.add(target if target in sources else name)
+        graph[module] = {m for m in edges if m in sources and m != module}
+    return graph
+
+
+def import_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One circle of imports (a, b, ..., a), or None."""
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as err:
+        return list(reversed(err.args[1]))  # graphlib lists it against the import direction
+    return None
+
+
+def _package_sources() -> dict[str, str]:
+    sources = {}
+    for path, module in package_modules():
+        with open(path, encoding="utf-8") as f:
+            sources[module] = f.read()
+    return sources
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    sources = _package_sources()
+    graph = module_graph(sources)
+    # The graph is the real one (`from pkg import module` and `from module import name`).
+    assert "astroclip_jax.evaluation.runner" in graph["astroclip_jax.evaluation.embed"]
+    assert "astroclip_jax.errors" in graph["astroclip_jax.evaluation.runner"]
+    circle = import_circle(graph)
+    assert circle is None, "import circle: " + " -> ".join(circle)
+
+
+@pytest.mark.parametrize("sources", [
+    {"astroclip_jax.evaluation.embed": "from astroclip_jax.evaluation import runner",
+     "astroclip_jax.evaluation.runner": "def f():\n    from astroclip_jax.evaluation import embed"},
+    {"astroclip_jax.data.a": "from . import b",
+     "astroclip_jax.data.b": "import astroclip_jax.data.c",
+     "astroclip_jax.data.c": "from astroclip_jax.data.a import thing"},
+    {"astroclip_jax.files": "from astroclip_jax import locks",
+     "astroclip_jax.locks": "from astroclip_jax.files import atomic_path"},
+])
+def test_the_circle_check_finds_each_kind_of_circle(sources):
+    circle = import_circle(module_graph(sources))
+    assert circle is not None and circle[0] == circle[-1] and set(circle) == set(sources)
+
+
+def test_the_circle_check_allows_a_one_way_chain():
+    assert import_circle(module_graph({
+        "astroclip_jax.evaluation.embed": "from astroclip_jax.evaluation import runner",
+        "astroclip_jax.evaluation.runner": "from astroclip_jax.evaluation import embeddings",
+        "astroclip_jax.evaluation.embeddings": "import numpy"})) is None

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from astroclip_jax import settings as settings_lib
-from astroclip_jax.evaluation import embed, runner
+from astroclip_jax.errors import ConfigError
+from astroclip_jax.evaluation import embed_rows, embeddings, runner
 from configs import spender
 
 META = {"split": "test", "n": 3, "checkpoint": {"step": 6, "directory": "/run/checkpoints"},
@@ -29,7 +30,7 @@ def loads(monkeypatch):
         calls.append((settings, workdir))
         return arrays, META, "the data settings"
 
-    monkeypatch.setattr(embed, "load_or_compute_embeddings", load)
+    monkeypatch.setattr(embeddings, "load_or_compute_embeddings", load)
     return calls
 
 
@@ -115,7 +116,7 @@ def test_examples_are_read_as_the_embeddings_were(tmp_path, loads, monkeypatch):
                 "spectrum": np.stack([np.full(5, r, np.float32) for r in rows]),
                 "wave": np.linspace(3600, 9824, 5)}
 
-    monkeypatch.setattr(embed, "read_examples", read_examples)
+    monkeypatch.setattr(embed_rows, "read_examples", read_examples)
     got = []
 
     def evaluate(inputs):
@@ -128,3 +129,16 @@ def test_examples_are_read_as_the_embeddings_were(tmp_path, loads, monkeypatch):
     assert sorted(ex["image"]) == sorted(ex["spectrum"]) == [0, 2]
     assert ex["image"][2].max() == ex["spectrum"][2].max() == 2 and ex["image"][0].max() == 0
     assert ex["wave"].shape == (5,)
+
+
+def test_an_evaluation_of_a_survey_is_refused_in_one_line_before_embedding(tmp_path, loads):
+    """An evaluator reads image-spectrum pairs and their catalogue; a one-modality survey has
+    neither (before: a KeyError traceback after embedding the whole survey)."""
+    config = _config()
+    config.eval.survey_file = "/data/legacysurvey/south"
+    with pytest.raises(ConfigError, match=r"^config field eval.survey_file is "
+                                          r"'/data/legacysurvey/south': eval_test evaluates the "
+                                          r"image-spectrum pairs"):
+        runner.run_evaluator(settings_lib.resolve(config), str(tmp_path), "eval_test",
+                             _evaluator([]))
+    assert loads == [] and not os.path.exists(tmp_path / "eval_test")

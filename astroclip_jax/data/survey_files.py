@@ -23,6 +23,12 @@ trained on (L = 7781 for DESI; an optional `wave` (L,) dataset is checked agains
 catalogue columns (`targetid`, `ra`, `dec`, `z`, ...).
 
 Nothing is loaded whole: `read(start, stop)` opens the files that hold those rows.
+
+Poisoned input follows the dataset's policies: rows whose targetid is repeated, NaN, negative or
+not an integer follow `data.duplicate_policy` (`targetid_drops`: one line naming the file and row,
+or all but the first occurrence left out and counted), rows with non-finite flux follow
+`data.nan_policy` (`finite_rows`). A survey without rows, or with files that disagree on the row
+shape or on having a `targetid`, is one line naming the file.
 """
 
 from __future__ import annotations
@@ -34,9 +40,12 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from astroclip_jax.data import astroclip_desi
 from astroclip_jax.errors import DataError, MissingInput
 
 IMAGE_KEY, SPECTRUM_KEY = "images", "spectrum"
+TARGETID = "targetid"
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 def _list_files(path: str) -> list[str]:
@@ -69,16 +78,36 @@ class SurveyFiles:
                     if i and modality != self.modality:
                         raise DataError(f"survey file {name} holds {modality}s, {self.files[0]} "
                                         f"holds {self.modality}s: one modality per survey")
+                    row_shape = f[self._key].shape[1:] if i else None
+                    if i and row_shape != self.row_shape:  # rows could not be stacked
+                        raise DataError(f"survey file {name}: {self._key} rows have shape "
+                                        f"{row_shape}, {self.files[0]}'s have {self.row_shape}; "
+                                        "every file of a survey holds rows of one shape")
                     self.modality = modality
                     self.row_shape = f[self._key].shape[1:]
-                    column_sets.append(_catalogue_columns(f, n, self._key))
+                    columns = _catalogue_columns(f, n, self._key)
+                    if (TARGETID in f) != (TARGETID in columns):
+                        item = f[TARGETID]
+                        what = (f"shape {item.shape}, dtype {item.dtype}"
+                                if isinstance(item, h5py.Dataset) else "a group")
+                        raise DataError(f"survey file {name}: '{TARGETID}' is {what}; expected "
+                                        f"({n},) integers, one per row")
+                    column_sets.append(columns)
                     counts.append(n)
             except OSError as err:
                 raise DataError(f"survey file {name} is not readable HDF5 ({err})") from None
+        with_ids = [TARGETID in c for c in column_sets]
+        if any(with_ids) and not all(with_ids):  # the ids would silently become row numbers
+            raise DataError(f"survey file {self.files[with_ids.index(False)]} has no "
+                            f"'{TARGETID}' but {self.files[with_ids.index(True)]} has: every "
+                            "file of a survey has one, or none does")
         names = set.intersection(*(set(c) for c in column_sets))  # those all files hold
         self.columns = {k: v for k, v in column_sets[0].items() if k in names}
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n = int(self.offsets[-1])
+        if self.n == 0:
+            raise DataError(f"survey {path} has no rows ({self._key} is empty in "
+                            f"{len(self.files)} file(s)): nothing to embed")
         self.stamp = [[os.path.basename(p), os.path.getsize(p), os.stat(p).st_mtime_ns]
                       for p in self.files]
 
@@ -89,14 +118,14 @@ class SurveyFiles:
     @staticmethod
     def _modality(f: h5py.File, name: str) -> tuple[str, int]:
         if IMAGE_KEY in f:
-            shape = f[IMAGE_KEY].shape
-            if len(shape) != 4 or 3 not in (shape[1], shape[3]):
+            shape = _numeric(f, IMAGE_KEY, name).shape
+            if len(shape) != 4 or 3 not in (shape[1], shape[3]) or 0 in shape[1:]:
                 raise DataError(f"survey file {name}: images has shape {shape}; expected "
                                 "(N, 3, H, W) or (N, H, W, 3) g, r, z cutouts")
             return "image", shape[0]
         if SPECTRUM_KEY in f:
-            shape = f[SPECTRUM_KEY].shape
-            if len(shape) != 2:
+            shape = _numeric(f, SPECTRUM_KEY, name).shape
+            if len(shape) != 2 or shape[1] == 0:
                 raise DataError(f"survey file {name}: spectrum has shape {shape}; expected "
                                 "(N, L) flux on the spectrum tower's grid")
             return "spectrum", shape[0]
@@ -120,19 +149,92 @@ class SurveyFiles:
                     break
                 continue
             a, b = int(lo - self.offsets[i]), int(hi - self.offsets[i])
-            with h5py.File(self.files[i], "r") as f:
-                values = {self.modality: _modality_rows(f[self._key], a, b)}
-                for name in self.columns:
-                    values[name] = _column_rows(f, name, a, b)
+            try:
+                with h5py.File(self.files[i], "r") as f:
+                    values = {self.modality: _modality_rows(f[self._key], a, b)}
+                    for name in self.columns:
+                        values[name] = _column_rows(f, name, a, b)
+            except (OSError, KeyError) as err:  # truncated or changed since it was opened
+                raise DataError(f"survey file {self.files[i]}: cannot read rows {a}..{b - 1} "
+                                f"(truncated or changed file?): {err}") from None
             for name, value in values.items():
                 parts.setdefault(name, []).append(value)
         out = {name: np.concatenate(chunks) for name, chunks in parts.items()}
         out["index"] = np.arange(start, stop, dtype=np.int64)
-        if "targetid" in out:
-            out["targetid"] = out["targetid"].astype(np.int64)
+        if TARGETID in out:
+            # Invalid ids (NaN, negative) are rows `targetid_drops` leaves out or refuses.
+            with np.errstate(invalid="ignore"):
+                out[TARGETID] = out[TARGETID].astype(np.int64)
         else:
-            out["targetid"] = out["index"].copy()
+            out[TARGETID] = out["index"].copy()
         return out
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(H, W) of an image survey's cutouts, channels first or last."""
+        shape = self.row_shape
+        return (shape[1], shape[2]) if shape[0] == 3 and shape[2] != 3 else (shape[0], shape[1])
+
+    def locate(self, row: int) -> tuple[str, int]:
+        """(file, row in that file) of survey row `row`, for messages."""
+        i = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        return self.files[i], int(row - self.offsets[i])
+
+    def targetid_drops(self, policy: str) -> np.ndarray:
+        """Sorted survey rows to leave out under `data.duplicate_policy` `policy`: rows whose
+        targetid is not a non-negative integer, and every occurrence of a targetid after its
+        first (in row order). "raise": a DataError naming the file and row instead. Reads only
+        the targetid column; rows are numbered, not keyed, when the files have none."""
+        astroclip_desi.check_duplicate_policy(policy)
+        if TARGETID not in self.columns:
+            return np.zeros(0, np.int64)
+        ids = []
+        for name in self.files:
+            try:
+                with h5py.File(name, "r") as f:
+                    ids.append(np.asarray(f[TARGETID][:]))
+            except (OSError, KeyError) as err:  # truncated or changed since it was opened
+                raise DataError(f"survey file {name}: cannot read '{TARGETID}' ({err})") from None
+        ids = np.concatenate(ids)
+        with np.errstate(invalid="ignore"):
+            valid = ((ids >= 0) & (ids <= _INT64_MAX) if ids.dtype.kind in "iu"
+                     else np.isfinite(ids) & (ids >= 0) & (ids < 2.0 ** 63)
+                     & (ids == np.round(ids)))
+        if not valid.all() and policy == "raise":
+            row = int(np.flatnonzero(~valid)[0])
+            file, at = self.locate(row)
+            raise DataError(
+                f"survey file {file}, row {at}: targetid {ids[row].item()!r}; expected a "
+                f"non-negative integer ({int((~valid).sum())} such row(s) in {self.path}). Set "
+                "data.duplicate_policy='drop' to leave such rows out")
+        keys = np.where(valid, ids, 0).astype(np.int64)
+        order = np.flatnonzero(valid)[np.argsort(keys[valid], kind="stable")]  # file order kept
+        repeat = np.zeros(len(ids), bool)
+        repeat[order[1:]] = keys[order[1:]] == keys[order[:-1]]
+        if repeat.any() and policy == "raise":
+            tid = int(keys[np.flatnonzero(repeat)[0]])
+            places = ", ".join("{} row {}".format(*self.locate(r))
+                               for r in np.flatnonzero(valid & (keys == tid))[:3])
+            raise DataError(
+                f"survey {self.path}: targetid {tid} appears more than once ({places}); "
+                f"{int(repeat.sum())} repeated row(s) in all. Each galaxy must appear once; set "
+                "data.duplicate_policy='drop' to keep the first occurrence and leave out the "
+                "others")
+        return np.flatnonzero(repeat | ~valid).astype(np.int64)
+
+
+def finite_rows(values: np.ndarray) -> np.ndarray:
+    """(n,) bool: the rows of `values` (n, ...) without NaN or inf."""
+    values = np.asarray(values)
+    return np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+
+
+def _numeric(f: h5py.File, key: str, name: str) -> h5py.Dataset:
+    item = f[key]
+    if not isinstance(item, h5py.Dataset) or item.dtype.kind not in "biuf":
+        kind = item.dtype if isinstance(item, h5py.Dataset) else "a group"
+        raise DataError(f"survey file {name}: '{key}' is {kind}; expected numbers (flux)")
+    return item
 
 
 def _modality_rows(dataset: h5py.Dataset, a: int, b: int) -> np.ndarray:

@@ -16,6 +16,13 @@ one axis per row (pooled images) are stored flat, with their row shape in the ma
 each file's schema metadata (``shapes``), and `iter_chunks` gives them back in shape. One
 HDF5 per chunk would serve h5py users, but not pandas without this package.
 
+Every chunk carries its own checksum from the moment it is written: its size and sha256, taken
+of the bytes written, go to ``_chunk-000000.parquet.sha256`` beside it (atomically, after the
+chunk; "_" keeps pandas/pyarrow from reading it as data). An unfinished table is resumed only
+from chunks that match their record (`chunk_problem`), so a chunk altered, truncated or replaced
+after it was written is computed again, never sealed as good. Sealing checks every chunk
+against its record once more, copies the records into the manifest and removes them.
+
 Reading verifies: a chunk whose size or sha256 differs from the manifest (truncated, altered),
 a missing chunk or a damaged manifest is a `DataError` naming the file.
 """
@@ -41,6 +48,11 @@ _CHUNK = re.compile(r"^chunk-(\d{6})\.parquet$")
 
 def chunk_path(directory: str, chunk: int) -> str:
     return os.path.join(directory, f"chunk-{chunk:06d}.parquet")
+
+
+def checksum_path(chunk_file: str) -> str:
+    """The record of a chunk's size and sha256, written with it, until the table is sealed."""
+    return os.path.join(os.path.dirname(chunk_file), f"_{os.path.basename(chunk_file)}.sha256")
 
 
 def _to_arrow(value: np.ndarray) -> pa.Array:
@@ -69,8 +81,15 @@ def write_chunk(directory: str, chunk: int, columns: Mapping[str, np.ndarray],
     table = table.replace_schema_metadata({"astroclip": json.dumps(
         {**file_meta, "chunk": chunk, "shapes": shapes})})
     path = chunk_path(directory, chunk)
+    record = checksum_path(path)
+    if os.path.exists(record):  # an earlier chunk's record must not vouch for this one
+        os.remove(record)
     with files.atomic_path(path, suffix=".parquet.tmp") as tmp:
         pq.write_table(table, tmp)
+        written = files.file_record(tmp)  # the bytes as written, before anything can touch them
+    with files.atomic_path(record, suffix=".json.tmp") as tmp, \
+            open(tmp, "w", encoding="utf-8") as f:
+        json.dump(written, f)
     return path
 
 
@@ -81,6 +100,37 @@ def chunk_meta(path: str) -> dict[str, Any] | None:
         return json.loads(schema.metadata[b"astroclip"])
     except (OSError, KeyError, TypeError, ValueError, pa.ArrowInvalid):
         return None
+
+
+def _written_record(path: str) -> dict[str, Any] | None:
+    try:
+        with open(checksum_path(path), encoding="utf-8") as f:
+            record = json.load(f)
+        return {"bytes": int(record["bytes"]), "sha256": str(record["sha256"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def chunk_problem(path: str) -> str | None:
+    """Why chunk file `path` of an unfinished table is not the whole chunk that was written
+    (no record or not matching it, unreadable metadata, rows or columns other than its
+    metadata says), or None."""
+    record = _written_record(path)
+    if record is None:
+        return "has no readable checksum record (its writer was interrupted)"
+    problem = files.file_problem(path, record["bytes"], record["sha256"])
+    if problem is not None:
+        return problem
+    meta = chunk_meta(path)
+    try:
+        stored = pq.read_metadata(path)
+        names = set(stored.schema.to_arrow_schema().names)
+    except (OSError, pa.ArrowInvalid) as err:
+        return f"is not readable Parquet ({err})"
+    if meta is None or stored.num_rows != meta.get("rows", stored.num_rows) \
+            or names != set(meta.get("shapes", ())):
+        return "has rows or columns other than its metadata says"
+    return None
 
 
 def existing_chunks(directory: str) -> dict[int, str]:
@@ -97,12 +147,15 @@ def write_manifest(directory: str, key: str, meta: Mapping[str, Any], chunks: Se
     entries, columns, start = [], None, 0
     for chunk in chunks:
         path = chunk_path(directory, chunk)
-        info = chunk_meta(path)
-        if info is None:
-            raise DataError(f"embeddings chunk {path} is missing or damaged")
+        problem = chunk_problem(path) if os.path.exists(path) else "is missing"
+        if problem is not None:
+            raise DataError(f"embeddings chunk {path} {problem}")
+        info, record = chunk_meta(path), _written_record(path)
+        if columns is not None and info["shapes"] != columns:
+            raise DataError(f"embeddings chunk {path} has columns {info['shapes']}, the "
+                            f"table's first chunk {columns}")
         rows = pq.read_metadata(path).num_rows
-        entries.append({"file": os.path.basename(path), "start": start, "rows": rows,
-                        **files.file_record(path)})
+        entries.append({"file": os.path.basename(path), "start": start, "rows": rows, **record})
         columns = columns or info["shapes"]
         start += rows
     manifest = {"format_version": FORMAT_VERSION, "embeddings_key": key, "n": start,
@@ -110,7 +163,16 @@ def write_manifest(directory: str, key: str, meta: Mapping[str, Any], chunks: Se
     with files.atomic_path(os.path.join(directory, MANIFEST), suffix=".json.tmp") as tmp, \
             open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
+    for chunk in chunks:  # the manifest holds the records now
+        os.remove(checksum_path(chunk_path(directory, chunk)))
     return manifest
+
+
+def remove_chunk(path: str) -> None:
+    """Remove a chunk file and its checksum record (a chunk of an earlier, other embed)."""
+    for name in (path, checksum_path(path)):
+        if os.path.exists(name):
+            os.remove(name)
 
 
 def read_manifest(directory: str) -> dict[str, Any]:

@@ -3,7 +3,7 @@
     run(settings, workdir, "eval_knn")        # --mode=eval_knn: the evaluator from registry.py
 
 refuses early (before any expensive work) to overwrite an earlier
-result unless `eval.overwrite`, loads the embeddings of the run (`embed.py`: computed once,
+result unless `eval.overwrite`, loads the embeddings of the run (`embeddings.py`: computed once,
 reused after), hands them to the evaluator, then writes its figures (PNG) and its report
 (`results.json`) atomically into `workdir/<mode>/` and prints its summary lines. An evaluator
 is a pure function `evaluate(EvalInputs) -> EvalResult`: numbers and figures from embeddings and
@@ -22,8 +22,8 @@ import numpy as np
 
 from astroclip_jax import files, locks
 from astroclip_jax import settings as settings_lib
-from astroclip_jax.errors import WouldOverwrite
-from astroclip_jax.evaluation import embed, registry
+from astroclip_jax.errors import ConfigError, WouldOverwrite
+from astroclip_jax.evaluation import embed_rows, embeddings, registry
 
 RESULT_FILE = "results.json"
 
@@ -117,7 +117,7 @@ def evaluation_directory(workdir: str, mode: str) -> Iterator[None]:
         yield
         return
     with locks.DirectoryLock(workdir, f"evaluation ({mode})", name="evaluation"):
-        for folder in (embed.EMBEDDINGS_DIR, "eval_knn", "search", "cluster", "probe"):
+        for folder in (embeddings.EMBEDDINGS_DIR, "eval_knn", "search", "cluster", "probe"):
             files.remove_leftovers(os.path.join(workdir, folder))
         yield
 
@@ -125,7 +125,7 @@ def evaluation_directory(workdir: str, mode: str) -> Iterator[None]:
 def _examples_reader(data, split: str, image_size: int):
     def examples(rows) -> dict[str, Any]:
         rows = np.asarray(rows, np.int64)
-        ex = embed.read_examples(data, split, rows, image_size)
+        ex = embed_rows.read_examples(data, split, rows, image_size)
         return {"image": dict(zip(rows.tolist(), ex["image"])),
                 "spectrum": dict(zip(rows.tolist(), ex["spectrum"])), "wave": ex["wave"]}
     return examples
@@ -145,7 +145,13 @@ def run_evaluator(settings: settings_lib.RunSettings, workdir: str, mode: str,
 
 
 def _run(settings, workdir, mode, out, evaluate):
-    arrays, meta, data = embed.load_or_compute_embeddings(settings, workdir)
+    if settings.eval.survey_file:  # before embedding a whole survey for nothing
+        raise ConfigError(
+            f"config field eval.survey_file is {settings.eval.survey_file!r}: {mode} evaluates "
+            "the image-spectrum pairs of a dataset split (eval.split) with their catalogue, "
+            "which a one-modality survey does not have; --mode=embed embeds a survey. Unset "
+            "eval.survey_file to evaluate the run")
+    arrays, meta, data = embeddings.load_or_compute_embeddings(settings, workdir)
     result = evaluate(EvalInputs(arrays=arrays, meta=meta, settings=settings.eval,
                                  examples=_examples_reader(data, meta["split"],
                                                            meta["image_size"]),
