@@ -91,16 +91,20 @@ def _groups_alive(groups: list[int]) -> bool:
     return False
 
 
-def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
-    """SIGTERM every process's group, SIGKILL what is left of them after `grace_s`."""
-    groups = [p.pid for p in procs]  # each is its group's leader (start_new_session)
+def _stop_groups(groups: list[int], grace_s: float, reap=lambda: None) -> None:
+    """SIGTERM every group, SIGKILL what is left of them after `grace_s`."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         _signal_groups(groups, sig)
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and _groups_alive(groups):
-            for p in procs:
-                p.poll()  # reap: a zombie leader would keep its group alive
+            reap()
             time.sleep(0.05)
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
+    """Stop every launched process with its group (each leads its own: start_new_session)."""
+    # Polling reaps them: a dead leader left a zombie would keep its group alive.
+    _stop_groups([p.pid for p in procs], grace_s, reap=lambda: [p.poll() for p in procs])
 
 
 def watch(grace_s: float) -> None:
@@ -114,11 +118,7 @@ def watch(grace_s: float) -> None:
         if line.strip() == "done":
             return
         groups.append(int(line))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        _signal_groups(groups, sig)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and _groups_alive(groups):
-            time.sleep(0.05)
+    _stop_groups(groups, grace_s)
 
 
 def _start_watcher(grace_s: float) -> subprocess.Popen:
@@ -165,8 +165,9 @@ def launch(command: list[str], count: int, cpu_devices: int | None = None,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  start_new_session=True)
             procs.append(p)
-            watcher.stdin.write(f"{p.pid}\n")
-            watcher.stdin.flush()
+            with contextlib.suppress(OSError):  # a dead watcher must not stop the run
+                watcher.stdin.write(f"{p.pid}\n")
+                watcher.stdin.flush()
             t = threading.Thread(target=_forward, args=(p.stdout, f"[p{i}] ", out), daemon=True)
             t.start()
             threads.append(t)

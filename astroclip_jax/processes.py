@@ -122,6 +122,12 @@ def _env_seconds(name: str, default: float) -> float:
     return seconds
 
 
+def wait_bounds(default_timeout_s: float) -> tuple[float, float]:
+    """(give up after, report every) seconds of a wait, from the environment or the defaults."""
+    return (_env_seconds(WAIT_TIMEOUT_ENV, default_timeout_s),
+            _env_seconds(WAIT_REPORT_ENV, REPORT_EVERY_S))
+
+
 def distributed_args() -> dict:
     """Keyword arguments for `jax.distributed.initialize` from the environment: the
     coordinator, process count and id where a launcher set them (otherwise JAX detects a
@@ -230,8 +236,7 @@ def initialize(multihost: bool) -> None:
     if not wants_distributed(multihost):
         return
     args = distributed_args()
-    timeout_s = _env_seconds(WAIT_TIMEOUT_ENV, START_TIMEOUT_S)
-    every_s = _env_seconds(WAIT_REPORT_ENV, REPORT_EVERY_S)
+    timeout_s, every_s = wait_bounds(START_TIMEOUT_S)
     import jax
 
     if jax.distributed.is_initialized():
@@ -263,8 +268,7 @@ def barrier(name: str) -> None:
     # timeout in every waiting process; a device collective would only hang.
     from jax._src import distributed
 
-    timeout_s = _env_seconds(WAIT_TIMEOUT_ENV, BARRIER_TIMEOUT_S)
-    every_s = _env_seconds(WAIT_REPORT_ENV, REPORT_EVERY_S)
+    timeout_s, every_s = wait_bounds(BARRIER_TIMEOUT_S)
     who = f"process {jax.process_index()} of {jax.process_count()}"
     with reporting_wait(who, f"the other processes at {name!r}", timeout_s, every_s):
         try:

@@ -143,7 +143,9 @@ def test_a_malformed_variable_is_one_line_naming_it(monkeypatch, name, value, ex
         monkeypatch.setenv(key, default)
     monkeypatch.setenv(name, value)
     with pytest.raises(errors.UserError, match=re.escape(expected)):
-        processes.initialize(False)  # raises before JAX is started
+        # what `initialize` reads before it starts JAX
+        processes.distributed_args()
+        processes.wait_bounds(processes.START_TIMEOUT_S)
 
 
 def test_process_count_without_id_is_one_line(monkeypatch):
