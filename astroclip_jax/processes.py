@@ -53,6 +53,7 @@ SHUTDOWN_TIMEOUT_S = 60
 START_TIMEOUT_S = 300
 BARRIER_TIMEOUT_S = 3600
 REPORT_EVERY_S = 10
+MAX_WAIT_S = 1e7  # about 4 months; JAX takes the timeouts as C integers
 # JAX's own start timeout is set this much later than ours: when it expires JAX aborts the
 # process (SIGABRT, a core dump) instead of raising, so ours must always come first.
 _JAX_TIMEOUT_MARGIN_S = 60
@@ -116,9 +117,9 @@ def _env_seconds(name: str, default: float) -> float:
         seconds = float(value)
     except ValueError:
         seconds = float("nan")
-    if not 0 < seconds < float("inf"):
+    if not 0 < seconds <= MAX_WAIT_S:
         raise errors.ConfigError(f"environment variable {name}={value!r}: expected a positive "
-                                 "number of seconds")
+                                 f"number of seconds up to {MAX_WAIT_S:g}")
     return seconds
 
 
@@ -166,22 +167,22 @@ def check_port_free(bind_address: str, name: str) -> None:
         raise CoordinatorPortInUse(f"coordinator address {bind_address} ({name}): cannot "
                                    f"resolve {host!r} ({e.strerror})") from None
     for family, kind, proto, _, sockaddr in candidates:
-        with socket.socket(family, kind, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(sockaddr)
-            except OSError as e:
-                if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                    continue  # e.g. no IPv6 here: JAX cannot use that address either
-                why = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
-                raise CoordinatorPortInUse(
-                    f"coordinator port {bind_address} {why}: set {name} to a free port "
-                    "(python -m astroclip_jax.launch picks one when --port is not given)") \
-                    from None
+        except OSError as e:
+            if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                continue  # e.g. no IPv6 here: JAX cannot use that address either
+            why = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+            raise CoordinatorPortInUse(
+                f"coordinator port {bind_address} {why}: set {name} to a free port "
+                "(python -m astroclip_jax.launch picks one when --port is not given)") from None
 
 
 def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError, ValueError):  # a closed stderr must not stop the waiting
+        print(line, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

@@ -136,6 +136,7 @@ def test_launcher_picks_a_port_it_can_listen_on(monkeypatch):
     ("JAX_COORDINATOR_ADDRESS", ":123", "expected host:port"),
     ("ASTROCLIP_WAIT_TIMEOUT_S", "-5", "ASTROCLIP_WAIT_TIMEOUT_S='-5': expected a positive"),
     ("ASTROCLIP_WAIT_REPORT_S", "nan", "ASTROCLIP_WAIT_REPORT_S='nan': expected a positive"),
+    ("ASTROCLIP_WAIT_TIMEOUT_S", "1e30", "ASTROCLIP_WAIT_TIMEOUT_S='1e30': expected a positive"),
 ])
 def test_a_malformed_variable_is_one_line_naming_it(monkeypatch, name, value, expected):
     for key, default in (("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234"),
