@@ -63,10 +63,6 @@ class CoordinatorPortInUse(errors.UserError, OSError):
     """Process 0 cannot bind the coordinator's port."""
 
 
-class WaitTimedOut(errors.UserError, TimeoutError):
-    """The other processes did not arrive within the wait timeout."""
-
-
 def wants_distributed(multihost: bool) -> bool:
     """Several processes: `multihost` (the config's) or a coordinator in the environment."""
     return multihost or any(v in os.environ for v in COORDINATOR_ENV)
@@ -185,13 +181,23 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def _give_up(message: str) -> None:
+    """End this process with one `error:` line, now. Not an exception: a process that stops
+    waiting for the others cannot leave JAX's way, which waits for them once more at exit
+    (SHUTDOWN_TIMEOUT_S) and then aborts with a core dump. Nothing is lost: every file this
+    package writes is written atomically."""
+    _say(f"error: {message}")
+    os._exit(1)
+
+
 @contextlib.contextmanager
 def reporting_wait(who: str, what: str, timeout_s: float, every_s: float,
                    exit_after_timeout: bool = False) -> Iterator[None]:
     """Say `who: waiting N s for what` on stderr every `every_s` while the block runs.
 
-    With `exit_after_timeout` the process ends with one `error:` line after `timeout_s`: for
-    a wait inside JAX that cannot be interrupted and would otherwise end in an abort."""
+    With `exit_after_timeout` the process ends with one `error:` line after `timeout_s`
+    (`_give_up`): for a wait inside JAX that cannot be interrupted and would otherwise end in
+    an abort."""
     done = threading.Event()
     start = time.monotonic()
 
@@ -203,9 +209,8 @@ def reporting_wait(who: str, what: str, timeout_s: float, every_s: float,
                 return
             waited = time.monotonic() - start
             if exit_after_timeout and waited >= timeout_s:
-                _say(f"error: {who} gave up after {timeout_s:g} s waiting for {what} "
-                     f"(set {WAIT_TIMEOUT_ENV} to wait longer)")
-                os._exit(1)  # nothing is written yet; JAX would abort with a core dump
+                _give_up(f"{who} gave up after {timeout_s:g} s waiting for {what} (set "
+                         f"{WAIT_TIMEOUT_ENV} to wait longer)")
             if waited >= next_report:
                 _say(f"{who}: waiting {waited:.0f} s for {what} (gives up after "
                      f"{timeout_s:g} s, {WAIT_TIMEOUT_ENV})")
@@ -260,7 +265,7 @@ def initialize(multihost: bool) -> None:
 
 def barrier(name: str) -> None:
     """Wait until every process gets here (no-op for one process), saying so while it waits;
-    `WaitTimedOut` after the barrier timeout (module docstring)."""
+    after the barrier timeout (module docstring) end the process with one line."""
     import jax
 
     if jax.process_count() == 1:
@@ -278,7 +283,6 @@ def barrier(name: str) -> None:
             if "DEADLINE_EXCEEDED" not in str(e):
                 raise
             reached = re.search(r"reached the barrier: (\d+/\d+)", str(e))
-            raise WaitTimedOut(
-                f"{who}: the processes did not all reach {name!r} within {timeout_s:g} s"
-                f"{f' ({reached[1]} did)' if reached else ''}; set {WAIT_TIMEOUT_ENV} to wait "
-                "longer") from None
+            _give_up(f"{who}: the processes did not all reach {name!r} within {timeout_s:g} s"
+                     f"{f' ({reached[1]} did)' if reached else ''}; set {WAIT_TIMEOUT_ENV} to "
+                     "wait longer")
