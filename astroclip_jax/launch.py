@@ -161,9 +161,15 @@ def launch(command: list[str], count: int, cpu_devices: int | None = None,
         if threading.current_thread() is threading.main_thread() else {}
     try:
         for i in range(count):
-            p = subprocess.Popen(command, env=process_env(i, count, port, cpu_devices, env),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+            try:
+                p = subprocess.Popen(command, env=process_env(i, count, port, cpu_devices, env),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+            except OSError as e:  # not found, not executable: the shell's 127 and 126
+                out.write(f"launch: cannot run {command[0]!r}: {e.strerror}; stopped "
+                          f"{_others(procs)}\n")
+                out.flush()
+                return 127 if isinstance(e, FileNotFoundError) else 126
             procs.append(p)
             with contextlib.suppress(OSError):  # a dead watcher must not stop the run
                 watcher.stdin.write(f"{p.pid}\n")

@@ -156,6 +156,17 @@ def test_process_count_without_id_is_one_line(monkeypatch):
         processes.distributed_args()
 
 
+def test_a_command_that_cannot_run_is_one_line(tmp_path):
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\n")
+    for command, status, why in ((str(tmp_path / "missing"), 127, "No such file or directory"),
+                                 (str(script), 126, "Permission denied")):
+        proc = subprocess.run([*LAUNCH, "--", command], cwd=cli_runs.ROOT, env=cli_runs.env(),
+                              capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (
+            status, f"launch: cannot run {command!r}: {why}; stopped nothing\n", "")
+
+
 # --- 2. a killed launcher leaves nothing running -----------------------------------------------
 
 _CHILD = r"""
