@@ -259,8 +259,14 @@ def initialize(multihost: bool) -> None:
     what = (f"the coordinator at {args['coordinator_address']} and the other processes"
             if "coordinator_address" in args else "the other processes to start")
     with reporting_wait(_who(args), what, timeout_s, every_s, exit_after_timeout=True):
-        jax.distributed.initialize(
-            **args, initialization_timeout=int(timeout_s) + _JAX_TIMEOUT_MARGIN_S)
+        try:
+            jax.distributed.initialize(
+                **args, initialization_timeout=int(timeout_s) + _JAX_TIMEOUT_MARGIN_S)
+        except ValueError as e:  # raised before anything starts: what JAX could not find
+            raise errors.ConfigError(
+                f"several processes asked for (config field multihost or {COORDINATOR_ENV[0]}) "
+                f"but {e} Set {COORDINATOR_ENV[0]}, {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV}, "
+                "or start under a cluster launcher JAX detects (e.g. srun)") from None
 
 
 def barrier(name: str) -> None:

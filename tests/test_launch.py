@@ -149,6 +149,20 @@ def test_a_malformed_variable_is_one_line_naming_it(monkeypatch, name, value, ex
         processes.wait_bounds(processes.START_TIMEOUT_S)
 
 
+def test_a_coordinator_alone_is_one_line(tmp_path):
+    env = {**cli_runs.env(), "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234"}
+    for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", *processes.SLURM_ENV):
+        env.pop(name, None)
+    proc = _prepare(env, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # JAX alone: a ValueError's traceback
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: several processes asked for (config field multihost or "
+        "JAX_COORDINATOR_ADDRESS) but Number of processes must be defined. Set "
+        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or start under a "
+        "cluster launcher JAX detects (e.g. srun)")
+    assert "Traceback" not in proc.stderr
+
+
 def test_process_count_without_id_is_one_line(monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
     monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
