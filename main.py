@@ -107,6 +107,8 @@ def main(argv):
             else:
                 run_mode(settings, mode, workdir)
     except UserError as e:
+        if processes.started():  # one of several: leave now, not after JAX's shutdown wait
+            processes.exit_now(str(e))
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 
 from astroclip_jax.errors import Busy, UserError
@@ -45,12 +46,14 @@ class DirectoryLock:
         os.makedirs(self.directory, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(fd)
-            os.close(fd)
-            raise Busy(f"{self.directory} is in use by {holder}; wait for it to finish or use "
-                       "another directory") from None
+            if not self.wait:
+                os.close(fd)
+                raise Busy(f"{self.directory} is in use by {holder}; wait for it to finish or "
+                           "use another directory") from None
+            _wait_reporting(fd, self.path, holder)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"purpose": self.purpose, "host": socket.gethostname(),
                                  "pid": os.getpid(),
@@ -75,6 +78,26 @@ class DirectoryLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+REPORT_EVERY_S = 10  # a process waiting for a lock says so this often
+
+
+def _wait_reporting(fd: int, path: str, holder: str) -> None:
+    """Block until the lock is ours, saying on stderr every REPORT_EVERY_S what it waits for
+    (a silent wait of minutes looks like a hang)."""
+    start = last = time.monotonic()
+    print(f"waiting for {path}: held by {holder}", file=sys.stderr, flush=True)
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.2)
+        if time.monotonic() - last >= REPORT_EVERY_S:
+            last = time.monotonic()
+            print(f"waiting {last - start:.0f} s for {path}: held by {holder}", file=sys.stderr,
+                  flush=True)
 
 
 def _read_holder(fd: int) -> str:

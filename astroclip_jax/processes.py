@@ -181,6 +181,18 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def started() -> bool:
+    """Whether this process joined several (`initialize` ran): then leaving has to be
+    `exit_now`, or JAX waits at exit for the others (SHUTDOWN_TIMEOUT_S) and aborts."""
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized()
+
+
+def exit_now(message: str) -> None:
+    """End this process with one `error:` line, now (`_give_up`)."""
+    _give_up(message)
+
+
 def _give_up(message: str) -> None:
     """End this process with one `error:` line, now. Not an exception: a process that stops
     waiting for the others cannot leave JAX's way, which waits for them once more at exit

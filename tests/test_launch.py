@@ -328,3 +328,25 @@ def test_a_barrier_gives_up_with_one_line(two_processes):
                         r"(processes 1|nothing)", lines[-1]), lines[-1]
     assert two_processes.took_s < 60
     assert "Traceback" not in out
+
+
+def test_a_process_waiting_for_a_lock_says_so(tmp_path, monkeypatch, capsys):
+    """A blocking lock (the feature cache's: one builder, the others wait) reports while it
+    waits, naming the lock file and its holder, instead of hanging silently."""
+    from astroclip_jax import locks
+
+    monkeypatch.setattr(locks, "REPORT_EVERY_S", 0.3)
+    code = ("import sys, time; from astroclip_jax import locks\n"
+            f"with locks.DirectoryLock({str(tmp_path)!r}, 'building', name='c'):\n"
+            "    print('held', flush=True); time.sleep(1.5)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=cli_runs.ROOT, env=cli_runs.env())
+    assert holder.stdout.readline().strip() == "held"
+    start = time.monotonic()
+    with locks.DirectoryLock(str(tmp_path), "waiting", name="c", wait=True):
+        assert time.monotonic() - start > 0.9  # ours only once the holder let go
+    holder.wait(timeout=30)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ".lock-c" in line]
+    assert lines[0].startswith("waiting for ") and "building" in lines[0], err
+    assert any(line.startswith("waiting ") and " s for " in line for line in lines[1:]), err
