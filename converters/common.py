@@ -317,7 +317,7 @@ def cli(description: str, convert: Callable[..., str], argv: Iterable[str] | Non
     a `--trust-checkpoint` style switch.
     """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("input", help="local checkpoint path or http(s) URL")
+    parser.add_argument("input", help="local checkpoint path, http(s) URL or hf://OWNER/REPO/FILE[@REVISION]")
     parser.add_argument("output_dir", help="directory to write (tower.json + variables.npz)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     for name, help_text in (flags or {}).items():
