@@ -162,8 +162,10 @@ _CONTAINERS = {
     "collections.OrderedDict": collections.OrderedDict, "collections.Counter": collections.Counter,
     "builtins.set": set, "builtins.frozenset": frozenset, "builtins.slice": slice,
     "builtins.complex": complex, "builtins.bytearray": bytearray, "_codecs.encode": _codecs_encode,
-    "__builtin__.set": set, "__builtin__.frozenset": frozenset,  # protocol-2 files from Python 2
 }
+# Protocol-2 pickles (torch.save's default) write Python 2's module names, which pickle maps back
+# (`fix_imports`); names are checked after the same mapping.
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 _REBUILD = ("torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
             "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
             "torch._tensor._rebuild_from_type_v2", "torch.Size")
@@ -224,7 +226,7 @@ def scan_globals(data: bytes, where: str) -> list[tuple[str, str, int]]:
             name = op.name
             if name in ("GLOBAL", "INST"):
                 module, _, attr = arg.partition(" ")
-                found.append((module, attr, pos))
+                found.append((_PY2_MODULES.get(module, module), attr, pos))
                 pushed.append(None)
             elif name == "STACK_GLOBAL":
                 if len(pushed) < 2 or not all(isinstance(v, str) for v in pushed[-2:]):
@@ -232,7 +234,7 @@ def scan_globals(data: bytes, where: str) -> list[tuple[str, str, int]]:
                         f"{where}: refusing to load: a STACK_GLOBAL at byte {pos} takes its name "
                         "from values that are not plain strings pushed before it, so it cannot be "
                         "checked before running; a torch.save file never does this")
-                found.append((pushed[-2], pushed[-1], pos))
+                found.append((_PY2_MODULES.get(pushed[-2], pushed[-2]), pushed[-1], pos))
                 pushed[-2:] = [None]
             elif name in ("EXT1", "EXT2", "EXT4"):
                 raise UnsafeCheckpoint(f"{where}: refusing to load: opcode {name} at byte {pos} "
@@ -250,6 +252,8 @@ def scan_globals(data: bytes, where: str) -> list[tuple[str, str, int]]:
             else:  # anything else changes the stack in ways not tracked: no string on top
                 pushed.append(None)
             del pushed[:-2]  # only the two latest pushes matter
+    except UnsafeCheckpoint:
+        raise
     except (ValueError, pickle.UnpicklingError) as e:  # genops on a damaged stream
         raise ConversionError(f"{where}: not a readable pickle ({e})") from None
     return found
@@ -280,6 +284,7 @@ class _Unpickler(pickle.Unpickler):
         self.numpy = _allowed_numpy()
 
     def find_class(self, module: str, name: str) -> Any:
+        module = _PY2_MODULES.get(module, module)
         full = f"{module}.{name}"
         if not is_allowed(module, name):  # the scan refused it already; a second lock
             raise UnsafeCheckpoint(f"{self.where}: refusing to load the global '{full}'")
