@@ -128,8 +128,15 @@ class _Storage:
 
 
 class _StorageType:
+    """What a storage class (torch.FloatStorage, ...) stands for: its element type."""
+
+    __slots__ = ("name", "dtype")
+
     def __init__(self, name: str):
         self.name, self.dtype = name, np.dtype(_STORAGE_DTYPES[name])
+
+    def __setstate__(self, state):  # BUILD must not swap the dtype
+        raise pickle.UnpicklingError(f"BUILD on torch.{self.name} refused")
 
 
 def _codecs_encode(text: Any, encoding: str = "utf-8") -> bytes:
