@@ -27,7 +27,6 @@ tower.json records the source file, its sha256 and, for hub files, the repositor
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -45,8 +44,6 @@ LIGHTNING_IGNORED = ("epoch", "global_step", "pytorch-lightning_version", "loops
                      "optimizer_states", "lr_schedulers", "hparams_name", "hyper_parameters",
                      "hparams_type", "datamodule_hparams_name", "datamodule_hyper_parameters",
                      "native_amp_scaling_state", "amp_scaling_state")
-# state_dict keys of DINOv2's teacher that are not the backbone: the DINO / iBOT projection heads.
-TEACHER_IGNORED = (r"dino_head\..*", r"ibot_head\..*")
 # Where each part sits in astroclip.ckpt's state_dict.
 IMAGE_BACKBONE, SPECTRUM_BACKBONE = "image_encoder.backbone.", "spectrum_encoder.backbone."
 IMAGE_HEAD, SPECTRUM_HEAD = "image_encoder.", "spectrum_encoder."
@@ -138,96 +135,39 @@ def hparam_overrides(obj: Mapping[str, Any], kind: str) -> dict[str, dict[str, A
     return out
 
 
-def _apply(config: dict[str, Any], overrides: Mapping[str, Any], name: str, what: str) -> dict:
-    """The tower config with the fields the hyper-parameters know (only those it has)."""
-    config = dict(config)
-    for key, value in overrides.items():
-        if key in config:
-            config[key] = value
-    heads, dim = config.get("num_heads"), config.get("embed_dim")
-    if isinstance(heads, int) and isinstance(dim, int) and (heads < 1 or dim % heads):
-        raise ConversionError(f"{name}: {what} has width {dim}, which {heads} heads do not divide")
-    return config
+def _check_width(head_config: Mapping[str, Any], tower_config: Mapping[str, Any], side: str,
+                 name: str) -> None:
+    if int(head_config["kv_dim"]) != int(tower_config["embed_dim"]):
+        raise ConversionError(f"{name}: the {side} head attends over width {head_config['kv_dim']} "
+                              f"but the {side} tower's tokens have width {tower_config['embed_dim']}")
 
 
-# ------------------------------------------------------------------------- conversion
+def _convert_astroclip(state: Mapping[str, np.ndarray], over: Mapping[str, Mapping[str, Any]],
+                       name: str) -> dict[str, tuple[str, dict, dict]]:
+    """folder -> (kind, config, nested variables) of both towers and both heads."""
+    from converters import dinov2, specformer
 
-def _expected_shapes(kind: str, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    import jax
-    import jax.numpy as jnp
-
-    if kind == HEADS_KIND:
-        from astroclip_jax.models.heads import CrossAttentionHead
-
-        module = CrossAttentionHead(**config)
-        example = (1, 3, int(config["kv_dim"]))
-    else:
-        from astroclip_jax.models.towers import build_tower
-
-        module = build_tower(kind, config)
-        example = _example_input_shape(kind, config)
-    abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(example, jnp.float32))
-    return common.flat_shapes(abstract)
-
-
-def _example_input_shape(kind: str, config: Mapping[str, Any]) -> tuple[int, ...]:
-    if kind == IMAGE_KIND:
-        size = int(config.get("img_size", config.get("image_size", 0)))
-        return (1, size, size, int(config.get("in_chans", 3)))
-    # A spectrum long enough to fill every position SpecFormer has (DESI's 7781 at most).
-    section = int(config.get("slice_section_length", 20))
-    step = section - int(config.get("slice_overlap", 10))
-    return (1, min(7781, (int(config["max_len"]) - 2) * step + section))
-
-
-def _ignore(prefix: str, patterns: tuple[str, ...] | list[str]) -> list[str]:
-    # A converter's IGNORED may be written with or without the tower's prefix.
-    return [*patterns, *(re.escape(prefix) + p for p in patterns)]
-
-
-def _convert_tower(state: Mapping[str, np.ndarray], prefix: str, kind: str,
-                   overrides: Mapping[str, Any], name: str) -> tuple[dict, dict]:
-    mod = _tower_converter(kind)
-    part = {k: v for k, v in state.items() if k.startswith(prefix)}
-    config = _apply(mod.infer_config(part, prefix, name), overrides, name, kind)
-    mapping = mod.key_mapping(config, prefix, list(part))
-    flat = common.convert_strict(part, mapping, _ignore(prefix, mod.IGNORED),
-                                 _expected_shapes(kind, config), name)
-    return config, tower_weights.unflatten(flat)
-
-
-def _tower_converter(kind: str):
-    if kind == IMAGE_KIND:
-        from converters import dinov2
-
-        return dinov2
-    from converters import specformer
-
-    return specformer
-
-
-def _convert_head(state: Mapping[str, np.ndarray], side: str, tower_width: int,
-                  overrides: Mapping[str, Any], name: str) -> tuple[dict, dict]:
-    from converters import specformer
-
-    prefix = IMAGE_HEAD if side == "image" else SPECTRUM_HEAD
-    backbone = IMAGE_BACKBONE if side == "image" else SPECTRUM_BACKBONE
-    part = {k: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(backbone)}
-    config = _apply(specformer.head_config(part, prefix, name), overrides, name, f"the {side} head")
-    config["residual"] = RESIDUAL[side]
-    if int(config["kv_dim"]) != tower_width:
-        raise ConversionError(f"{name}: the {side} head attends over width {config['kv_dim']} but "
-                              f"the {side} tower's tokens have width {tower_width}")
-    packed = any(k.endswith("multihead_attn.in_proj_weight") for k in part)  # image side upstream
-    mapping = specformer.head_mapping(config, prefix, packed)
-    flat = common.convert_strict(part, mapping, [], _expected_shapes(HEADS_KIND, config), name)
-    return config, tower_weights.unflatten(flat)
-
-
-def _width(state: Mapping[str, np.ndarray], key: str, name: str) -> int:
-    if key not in state or np.ndim(state[key]) != 1:
-        raise ConversionError(f"{name}: missing key {key!r} (the tower's final LayerNorm)")
-    return int(state[key].shape[0])
+    stray = [k for k in state if not k.startswith((IMAGE_HEAD, SPECTRUM_HEAD))]
+    if stray:
+        raise ConversionError(f"{name}: unexpected key(s) {stray[:10]} outside "
+                              f"{IMAGE_HEAD}* and {SPECTRUM_HEAD}*")
+    image = {k: v for k, v in state.items() if k.startswith(IMAGE_BACKBONE)}
+    image_config, image_flat = dinov2.convert_state(image, IMAGE_BACKBONE, name,
+                                                    num_heads=over["image"].get("num_heads"))
+    spectrum_config, spectrum_flat = specformer.convert_state_dict(
+        state, SPECTRUM_BACKBONE, name, hyper_parameters=over["spectrum"] or None)
+    head_configs, head_params = {}, {}
+    for side, prefix, tower_config in (("image", IMAGE_HEAD, image_config),
+                                       ("spectrum", SPECTRUM_HEAD, spectrum_config)):
+        heads = over[f"{side}_head"].get("num_heads", specformer.DEFAULT_HEAD_HEADS)
+        config, flat = specformer.convert_head(state, prefix, name, num_heads=heads,
+                                               residual=RESIDUAL[side])
+        _check_width(config, tower_config, side, name)
+        head_configs[f"{side}_head"] = config
+        head_params[f"{side}_head"] = tower_weights.unflatten(flat)["params"]
+    return {IMAGE_DIR: (IMAGE_KIND, image_config, tower_weights.unflatten(image_flat)),
+            SPECTRUM_DIR: (SPECTRUM_KIND, spectrum_config, tower_weights.unflatten(spectrum_flat)),
+            HEADS_DIR: (HEADS_KIND, head_configs, {"params": head_params})}
 
 
 def source_record(source: str, path: str, fmt: str, prefix: str | None) -> dict[str, Any]:
@@ -254,46 +194,28 @@ def convert(source: str, out_dir: str, overwrite: bool = False) -> str:
     kind = detect_kind(obj, name)
     state = _state_dict(obj, kind, name)
     over = hparam_overrides(obj, kind)
-    parts: dict[str, tuple[str, dict, dict, dict]] = {}  # dir -> (kind, config, variables, source)
     if kind == "astroclip":
-        used = (IMAGE_HEAD, SPECTRUM_HEAD)
-        stray = [k for k in state if not k.startswith(used)]
-        if stray:
-            raise ConversionError(f"{name}: unexpected key(s) {stray[:10]} outside "
-                                  f"{IMAGE_HEAD}* and {SPECTRUM_HEAD}*")
-        for side, prefix, tower_kind, folder in (
-                ("image", IMAGE_BACKBONE, IMAGE_KIND, IMAGE_DIR),
-                ("spectrum", SPECTRUM_BACKBONE, SPECTRUM_KIND, SPECTRUM_DIR)):
-            config, variables = _convert_tower(state, prefix, tower_kind, over[side], name)
-            parts[folder] = (tower_kind, config, variables,
-                             source_record(source, path, "astroclip-lightning", prefix))
-        head_configs, head_params = {}, {}
-        for side, prefix in (("image", IMAGE_BACKBONE), ("spectrum", SPECTRUM_BACKBONE)):
-            width = _width(state, prefix + ("norm.bias" if side == "image" else "final_layernorm.bias"),
-                           name)
-            config, variables = _convert_head(state, side, width, over[f"{side}_head"], name)
-            head_configs[f"{side}_head"] = config
-            head_params[f"{side}_head"] = variables["params"]
-        parts[HEADS_DIR] = (HEADS_KIND, head_configs, {"params": head_params},
-                            source_record(source, path, "astroclip-lightning", None))
+        parts = _convert_astroclip(state, over, name)
+        prefixes = {IMAGE_DIR: IMAGE_BACKBONE, SPECTRUM_DIR: SPECTRUM_BACKBONE, HEADS_DIR: None}
+        fmt = "astroclip-lightning"
     elif kind == "astrodino":
-        ignore = re.compile("|".join(TEACHER_IGNORED))
-        stray = [k for k in state if not k.startswith("backbone.") and not ignore.fullmatch(k)]
-        if stray:
-            raise ConversionError(f"{name}: unexpected key(s) {stray[:10]} in the teacher "
-                                  "(expected backbone.*, dino_head.*, ibot_head.*)")
-        for key in (k for k in state if ignore.fullmatch(k)):
-            common.check_finite(state[key], key, name)  # a diverged file is not converted
-        config, variables = _convert_tower(state, "backbone.", IMAGE_KIND, over["image"], name)
-        parts[IMAGE_DIR] = (IMAGE_KIND, config, variables,
-                            source_record(source, path, "dinov2-teacher", "backbone."))
+        from converters import dinov2
+
+        # dinov2.IGNORED drops dino_head.* / ibot_head.*; convert_strict still refuses NaN there.
+        config, flat = dinov2.convert_state(state, "backbone.", name)
+        parts = {IMAGE_DIR: (IMAGE_KIND, config, tower_weights.unflatten(flat))}
+        prefixes, fmt = {IMAGE_DIR: "backbone."}, "dinov2-teacher"
     else:
-        config, variables = _convert_tower(state, "", SPECTRUM_KIND, over["spectrum"], name)
-        parts[SPECTRUM_DIR] = (SPECTRUM_KIND, config, variables,
-                               source_record(source, path, "specformer-lightning", ""))
+        from converters import specformer
+
+        config, flat = specformer.convert_state_dict(state, "", name,
+                                                     hyper_parameters=over["spectrum"] or None)
+        parts = {SPECTRUM_DIR: (SPECTRUM_KIND, config, tower_weights.unflatten(flat))}
+        prefixes, fmt = {SPECTRUM_DIR: ""}, "specformer-lightning"
     # Everything converted: now write, all of OUT_DIR at once.
     with files.atomic_directory(os.path.abspath(out_dir)) as tmp:
-        for folder, (part_kind, config, variables, record) in parts.items():
+        for folder, (part_kind, config, variables) in parts.items():
+            record = source_record(source, path, fmt, prefixes[folder])
             tower_weights.save_tower(os.path.join(tmp, folder), part_kind, config, variables,
                                      source={**record, "checkpoint_kind": kind})
     return out_dir

@@ -226,6 +226,7 @@ def _torch_specformer(state, prefix, sizes, flux):
 
 
 def _ours(out_dir, images_nchw, flux):
+    import jax
     import jax.numpy as jnp
 
     from astroclip_jax.models import tower_weights, towers
@@ -234,12 +235,18 @@ def _ours(out_dir, images_nchw, flux):
     vit, vit_vars, _ = towers.load_tower_module(os.path.join(out_dir, "image_tower"), "dinov2_vit")
     spec, spec_vars, _ = towers.load_tower_module(os.path.join(out_dir, "spectrum_tower"), "specformer")
     heads = tower_weights.load_tower(os.path.join(out_dir, "heads"), "astroclip_heads")
-    image_tokens = vit.apply(vit_vars, jnp.asarray(images_nchw.transpose(0, 2, 3, 1)))
-    spectrum_tokens = spec.apply(spec_vars, jnp.asarray(flux))
-    image = CrossAttentionHead(**heads.config["image_head"]).apply(
-        {"params": heads.variables["params"]["image_head"]}, image_tokens)
-    spectrum = CrossAttentionHead(**heads.config["spectrum_head"]).apply(
-        {"params": heads.variables["params"]["spectrum_head"]}, spectrum_tokens)
+    params = heads.variables["params"]
+    image_head = CrossAttentionHead(**heads.config["image_head"])
+    spectrum_head = CrossAttentionHead(**heads.config["spectrum_head"])
+
+    @jax.jit  # one compiled program per modality: eager dispatch is slower than compiling
+    def embed(images, spectra):
+        image = image_head.apply({"params": params["image_head"]}, vit.apply(vit_vars, images))
+        spectrum = spectrum_head.apply({"params": params["spectrum_head"]},
+                                       spec.apply(spec_vars, spectra))
+        return image, spectrum
+
+    image, spectrum = embed(jnp.asarray(images_nchw.transpose(0, 2, 3, 1)), jnp.asarray(flux))
     return np.asarray(image).reshape(len(flux), -1), np.asarray(spectrum).reshape(len(flux), -1)
 
 

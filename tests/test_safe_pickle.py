@@ -9,7 +9,6 @@ fail the `not marker.exists()` check.
 from __future__ import annotations
 
 import collections
-import io
 import os
 import pickle
 import subprocess

@@ -32,9 +32,9 @@ import subprocess
 import sys
 
 SIZES = {
-    "test": dict(img_size=36, patch_size=12, vit_dim=32, vit_depth=4, vit_heads=4, vit_mlp=128,
+    "test": dict(img_size=36, patch_size=12, vit_dim=64, vit_depth=4, vit_heads=4, vit_mlp=256,
                  block_chunks=2, spec_dim=24, spec_layers=2, spec_heads=3, max_len=40,
-                 spectrum_length=305, embed_dim=32, n_head=4, dino_hidden=48, dino_bottleneck=16,
+                 spectrum_length=305, embed_dim=64, n_head=4, dino_hidden=48, dino_bottleneck=16,
                  dino_prototypes=64),
     # upstream's released sizes: AstroDINO ViT-L/12 at 144 px, SpecFormer 768 x 6, heads 1024 / 4
     "full": dict(img_size=144, patch_size=12, vit_dim=1024, vit_depth=24, vit_heads=16,
