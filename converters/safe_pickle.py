@@ -66,7 +66,14 @@ INERT_PACKAGES = ("astroclip", "dinov2", "lightning", "lightning_fabric", "pytor
                   "torch.nn", "torch.optim", "omegaconf", "jsonargparse", "torchmetrics", "typing")
 # Single names that become inert records (torch.float32 as a module attribute, devices, ...).
 INERT_NAMES = {"functools.partial", "argparse.Namespace", "torch.device", "torch.dtype",
-               "torch.Tensor", "torch.memory_format", "torch.layout"} | {
+               "torch.Tensor", "torch.memory_format", "torch.layout",
+               # Lightning < 2.2 on torch < 2.1 (upstream pins torch 2.0) registers these as
+               # state-dict hooks of every LightningModule, so SpecFormer's pickle names them.
+               "torch.distributed._shard.sharded_tensor.state_dict_hook",
+               "torch.distributed._shard.sharded_tensor.pre_load_state_dict_hook",
+               # Lightning callbacks' state may hold paths.
+               "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.PurePosixPath",
+               "pathlib.PureWindowsPath"} | {
     f"torch.{t}" for t in ("float64", "float32", "float16", "bfloat16", "int64", "int32",
                            "int16", "int8", "uint8", "bool", "complex64", "complex128",
                            "double", "float", "half", "long", "int", "short", "contiguous_format",

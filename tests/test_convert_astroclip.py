@@ -304,7 +304,7 @@ def test_astroclip_end_to_end_test_size(tmp_path, upstream):
                            "set ASTROCLIP_FULL_SIZE=1")
 def test_astroclip_end_to_end_full_size(tmp_path):
     _needs_mappings()
-    paths = write_checkpoints(str(tmp_path / "upstream"), "full", seed=4)
+    paths = write_checkpoints(str(tmp_path / "upstream"), "full", seed=4, names=("astroclip.ckpt",))
     _check_end_to_end(tmp_path, paths, "full")
 
 

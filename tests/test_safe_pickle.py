@@ -231,6 +231,22 @@ def test_inert_records_run_nothing(tmp_path):
     assert enc.state["in_features"] == 3
 
 
+def test_lightning_state_dict_hooks_are_inert(tmp_path):
+    # Lightning on torch 2.0 (upstream's pin) registers sharded-tensor hooks on every
+    # LightningModule: a pickled SpecFormer names them. They load as records, uncalled.
+    from torch.distributed._shard.sharded_tensor import pre_load_state_dict_hook, state_dict_hook
+
+    module = torch.nn.Linear(2, 2)
+    module._register_state_dict_hook(state_dict_hook)
+    module._register_load_state_dict_pre_hook(pre_load_state_dict_hook, True)
+    path = tmp_path / "m.pt"
+    torch.save({"hyper_parameters": {"backbone": module}}, path)
+    obj, report = safe_pickle.load_checkpoint(path)
+    assert "torch.distributed._shard.sharded_tensor.state_dict_hook" in report.inert
+    assert "torch.distributed._shard.sharded_tensor.pre_load_state_dict_hook" in report.inert
+    assert isinstance(obj["hyper_parameters"]["backbone"], safe_pickle.Inert)
+
+
 def test_legacy_and_foreign_files_are_one_line(tmp_path):
     legacy = tmp_path / "legacy.pt"
     torch.save({"w": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)

@@ -45,12 +45,14 @@ SIZES = {
 NAMES = ("astroclip.ckpt", "specformer.ckpt", "astrodino.ckpt")
 
 
-def write_checkpoints(out_dir: str, size: str = "test", seed: int = 0) -> dict[str, str]:
-    """Writes the three upstream-format files to `out_dir` (in a subprocess); name -> path."""
+def write_checkpoints(out_dir: str, size: str = "test", seed: int = 0,
+                      names: tuple[str, ...] = NAMES) -> dict[str, str]:
+    """Writes upstream-format files (`names`, default all three) to `out_dir` in a
+    subprocess; name -> path."""
     os.makedirs(out_dir, exist_ok=True)
-    subprocess.run([sys.executable, os.path.abspath(__file__), out_dir, size, str(seed)],
+    subprocess.run([sys.executable, os.path.abspath(__file__), out_dir, size, str(seed), *names],
                    check=True, env={**os.environ, "PYTHONPATH": ""})
-    return {name: os.path.join(out_dir, name) for name in NAMES}
+    return {name: os.path.join(out_dir, name) for name in names}
 
 
 # ------------------------------------------------------------------ the subprocess side
@@ -69,7 +71,7 @@ def _register(module_name: str, **classes) -> None:
         setattr(module, cls_name, cls)
 
 
-def _build(sizes: dict, seed: int):
+def _build(sizes: dict, seed: int, with_teacher: bool = True):
 
     import numpy as np
     import torch
@@ -300,7 +302,8 @@ def _build(sizes: dict, seed: int):
                            weight_decay=0.05, epochs=100, eta_min=5e-7, logit_scale=15.5,
                            learnable_logit_scale=False)
     model._hparams["_instantiator"] = instantiate_module
-    teacher = nn.ModuleDict({"backbone": DinoVisionTransformer(sizes), "dino_head": DINOHead(sizes)})
+    teacher = (nn.ModuleDict({"backbone": DinoVisionTransformer(sizes), "dino_head": DINOHead(sizes)})
+               if with_teacher else nn.ModuleDict())  # a second ViT: only when it is written
     for module in (specformer, model, teacher):
         _randomise(module, seed)
     for p in [*image_head.backbone.parameters(), *spectrum_head.backbone.parameters()]:
@@ -358,12 +361,12 @@ def _lightning(state_dict, hyper_parameters, trainable) -> dict:
     }
 
 
-def _main(out_dir: str, size: str, seed: int) -> None:
+def _main(out_dir: str, size: str, seed: int, names: list[str]) -> None:
     import numpy as np
     import torch
 
     sizes = SIZES[size]
-    specformer, spec_hp, model, teacher = _build(sizes, seed)
+    specformer, spec_hp, model, teacher = _build(sizes, seed, "astrodino.ckpt" in names)
     files = {
         "astroclip.ckpt": (_lightning(model.state_dict(), dict(model._hparams),
                                       [p for p in model.parameters() if p.requires_grad]),
@@ -373,6 +376,8 @@ def _main(out_dir: str, size: str, seed: int) -> None:
         "astrodino.ckpt": ({"teacher": teacher.state_dict()}, teacher.state_dict()),
     }
     for name, (obj, state) in files.items():
+        if name not in names:
+            continue
         torch.save(obj, os.path.join(out_dir, name))
         np.savez(os.path.join(out_dir, name + ".reference.npz"),
                  **{k: v.detach().numpy() for k, v in state.items()})
@@ -381,4 +386,4 @@ def _main(out_dir: str, size: str, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    _main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])
