@@ -111,7 +111,8 @@ def _plain(value: Any) -> Any:
 
 def hparam_overrides(obj: Mapping[str, Any], kind: str) -> dict[str, dict[str, Any]]:
     """What the pickled hyper-parameters say that the weights cannot (head counts, SpecFormer's
-    windowing), per part: {"image": {...}, "spectrum": {...}, "image_head": ..., "spectrum_head"}."""
+    windowing), per part: {"image": {...}, "spectrum": {SpecFormer's numeric kwargs},
+    "image_head": ..., "spectrum_head": ...}."""
     hp = obj.get("hyper_parameters") if isinstance(obj, Mapping) else None
     out: dict[str, dict[str, Any]] = {"image": {}, "spectrum": {}, "image_head": {},
                                       "spectrum_head": {}}
@@ -127,11 +128,9 @@ def hparam_overrides(obj: Mapping[str, Any], kind: str) -> dict[str, dict[str, A
             n = _field(hp, f"{side}_encoder", "cross_attention", "multihead_attn", "num_heads")
             if isinstance(n, int):
                 out[f"{side}_head"]["num_heads"] = n
-    if isinstance(spec_hp, Mapping):
+    if isinstance(spec_hp, Mapping):  # SpecFormer's own kwargs: its converter checks them all
         out["spectrum"] = {k: v for k, v in spec_hp.items() if isinstance(k, str) and isinstance(
-            v, (int, float)) and not isinstance(v, bool) and k in (
-            "num_heads", "slice_section_length", "slice_overlap", "mask_num_chunks",
-            "mask_chunk_width")}
+            v, (int, float)) and not isinstance(v, bool)}
     return out
 
 
