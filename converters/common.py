@@ -1,5 +1,9 @@
 """What every converter shares: reading a torch file (or URL), a strict key mapping, the CLI shell.
 
+`fetch` takes a path, an http(s) URL or `hf://OWNER/REPO/FILE[@REVISION]` (huggingface_hub's
+cache). Checkpoints that pickle upstream modules are read by `converters.safe_pickle` instead of
+`torch_load` below: no torch, and nothing named in the file runs.
+
 A converter describes, for one source state_dict, which torch key fills which Flax variable and
 how the array is transposed. `convert_strict` then insists that every source tensor is either
 mapped or explicitly ignored, that every Flax variable is filled, that every shape matches the
