@@ -144,12 +144,12 @@ def _check_width(head_config: Mapping[str, Any], tower_config: Mapping[str, Any]
 def _convert_astroclip(state: Mapping[str, np.ndarray], over: Mapping[str, Mapping[str, Any]],
                        name: str) -> dict[str, tuple[str, dict, dict]]:
     """folder -> (kind, config, nested variables) of both towers and both heads."""
-    from converters import dinov2, specformer
-
     stray = [k for k in state if not k.startswith((IMAGE_HEAD, SPECTRUM_HEAD))]
     if stray:
         raise ConversionError(f"{name}: unexpected key(s) {stray[:10]} outside "
                               f"{IMAGE_HEAD}* and {SPECTRUM_HEAD}*")
+    from converters import dinov2, specformer  # (after the cheap checks: they import JAX models)
+
     image = {k: v for k, v in state.items() if k.startswith(IMAGE_BACKBONE)}
     image_config, image_flat = dinov2.convert_state(image, IMAGE_BACKBONE, name,
                                                     num_heads=over["image"].get("num_heads"))
