@@ -1,5 +1,9 @@
 """What every converter shares: reading a torch file (or URL), a strict key mapping, the CLI shell.
 
+`fetch` takes a path, an http(s) URL or `hf://OWNER/REPO/FILE[@REVISION]` (huggingface_hub's
+cache). Checkpoints that pickle upstream modules are read by `converters.safe_pickle` instead of
+`torch_load` below: no torch, and nothing named in the file runs.
+
 A converter describes, for one source state_dict, which torch key fills which Flax variable and
 how the array is transposed. `convert_strict` then insists that every source tensor is either
 mapped or explicitly ignored, that every Flax variable is filled, that every shape matches the
@@ -45,12 +49,57 @@ def flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
 
+HUB_SCHEME = "hf://"
+
+
 def is_url(path: str) -> bool:
     return urllib.parse.urlparse(str(path)).scheme in ("http", "https")
 
 
+def parse_hub(source: str) -> tuple[str, str, str | None]:
+    """`hf://OWNER/REPO/FILE[@REVISION]` -> (repo_id, filename, revision or None)."""
+    rest, _, revision = source[len(HUB_SCHEME):].partition("@")  # repo ids hold no "@"
+    parts = rest.split("/")
+    if len(parts) < 3 or not all(parts):
+        raise errors.ConfigError(f"{source}: expected hf://OWNER/REPO/FILE[@REVISION]")
+    return "/".join(parts[:2]), "/".join(parts[2:]), revision or None
+
+
+def hub_revision(path: str) -> str | None:
+    """The commit a file of the huggingface_hub cache belongs to (its `snapshots/<commit>/`)."""
+    parts = os.path.abspath(path).split(os.sep)
+    return next((parts[i + 1] for i in range(len(parts) - 2, -1, -1)
+                 if parts[i] == "snapshots"), None)
+
+
+def _hub_download(source: str) -> str:
+    """A hub file's path in huggingface_hub's cache (downloaded unless there); offline
+    (HF_HUB_OFFLINE=1) only the cache is consulted."""
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    repo_id, filename, revision = parse_hub(source)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    try:
+        return huggingface_hub.hf_hub_download(repo_id, filename, revision=revision,
+                                               local_files_only=offline)
+    except (hub_errors.EntryNotFoundError, hub_errors.HfHubHTTPError,
+            hub_errors.OfflineModeIsEnabled, OSError, ValueError) as e:
+        where = "in the local huggingface_hub cache (offline)" if offline else "on the hub"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise errors.MissingInput(f"{source}: {filename} of {repo_id}"
+                                  f"{'@' + revision if revision else ''} not found {where} "
+                                  f"({type(e).__name__}: {first})") from None
+
+
 def fetch(path_or_url: str, cache_dir: str | None = None) -> str:
-    """Returns a local path; downloads a URL first (to `cache_dir`, default ~/.cache/astroclip_jax)."""
+    """Returns a local path; downloads a URL first (to `cache_dir`, default ~/.cache/astroclip_jax).
+
+    `hf://OWNER/REPO/FILE[@REVISION]` downloads through huggingface_hub into its own cache
+    (HF_HUB_CACHE; HF_HUB_OFFLINE=1 reads only the cache); `cache_dir` does not apply to it.
+    """
+    if str(path_or_url).startswith(HUB_SCHEME):
+        return _hub_download(str(path_or_url))
     if not is_url(path_or_url):
         if not os.path.isfile(path_or_url):
             raise errors.MissingInput(f"{path_or_url}: no such file")
@@ -272,7 +321,7 @@ def cli(description: str, convert: Callable[..., str], argv: Iterable[str] | Non
     a `--trust-checkpoint` style switch.
     """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("input", help="local checkpoint path or http(s) URL")
+    parser.add_argument("input", help="local checkpoint path, http(s) URL or hf://OWNER/REPO/FILE[@REVISION]")
     parser.add_argument("output_dir", help="directory to write (tower.json + variables.npz)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     for name, help_text in (flags or {}).items():
