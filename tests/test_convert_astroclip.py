@@ -343,3 +343,42 @@ def test_wrong_head_shape_writes_nothing(tmp_path, upstream):
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and len(lines) == 1 and key in lines[0], out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_converted_files_run_through_the_config(tmp_path):
+    """What a user runs: the converted directories named in configs/astroclip.py, the model
+    built from the settings (`models.astroclip.build`), against the torch references."""
+    _needs_mappings()
+    import jax
+
+    from astroclip_jax import settings as settings_lib
+    from astroclip_jax.models import astroclip as astroclip_model
+    from configs import astroclip as astroclip_config
+
+    sizes = SIZES["grid"]
+    paths = write_checkpoints(str(tmp_path / "upstream"), "grid", seed=5, names=("astroclip.ckpt",))
+    out_dir = tmp_path / "converted"
+    run = _cli(paths["astroclip.ckpt"], out_dir)
+    assert run.returncode == 0, run.stderr
+    config = astroclip_config.get_config("smoke")
+    config.model.image_tower.weights = str(out_dir / "image_tower")
+    config.model.spectrum_tower.weights = str(out_dir / "spectrum_tower")
+    config.model.heads_weights = str(out_dir / "heads")
+    for head in (config.model.image_head, config.model.spectrum_head):
+        head.out, head.num_heads, head.hidden = sizes["embed_dim"], sizes["n_head"], (
+            4 * sizes["embed_dim"],)
+    settings = settings_lib.resolve(config, "train")
+    model, params = astroclip_model.build(settings.model, jax.random.PRNGKey(0))
+    images, flux = _inputs(sizes, n=4)
+    image, spectrum = map(np.asarray, jax.jit(model.embed)(
+        params, images.transpose(0, 2, 3, 1), flux))
+    with np.load(paths["astroclip.ckpt"] + ".reference.npz") as npz:
+        state = {k: npz[k] for k in npz.files}
+    tokens = _timm_tokens(state, "image_encoder.backbone.", sizes, images)
+    spec_tokens = _torch_specformer(state, "spectrum_encoder.backbone.", sizes, flux)
+    for ours, ref, what in (
+            (image, _torch_head(state, "image_encoder.", sizes, tokens, residual=False), "image"),
+            (spectrum, _torch_head(state, "spectrum_encoder.", sizes, spec_tokens, residual=True),
+             "spectrum")):
+        ref = np.asarray(ref, np.float64)
+        _close(ours, ref / np.linalg.norm(ref, axis=1, keepdims=True), what)  # the model's L2

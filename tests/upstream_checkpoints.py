@@ -36,6 +36,12 @@ SIZES = {
                  block_chunks=2, spec_dim=24, spec_layers=2, spec_heads=3, max_len=40,
                  spectrum_length=305, embed_dim=64, n_head=4, dino_hidden=48, dino_bottleneck=16,
                  dino_prototypes=64),
+    # test widths on the real DESI grid (7781 pixels: 778 tokens) and configs/astroclip.py:smoke's
+    # 24 px crop, so the converted files run through the config like the released ones
+    "grid": dict(img_size=24, patch_size=12, vit_dim=64, vit_depth=2, vit_heads=4, vit_mlp=256,
+                 block_chunks=2, spec_dim=24, spec_layers=2, spec_heads=3, max_len=800,
+                 spectrum_length=7781, embed_dim=32, n_head=2, dino_hidden=48, dino_bottleneck=16,
+                 dino_prototypes=64),
     # upstream's released sizes: AstroDINO ViT-L/12 at 144 px, SpecFormer 768 x 6, heads 1024 / 4
     "full": dict(img_size=144, patch_size=12, vit_dim=1024, vit_depth=24, vit_heads=16,
                  vit_mlp=4096, block_chunks=4, spec_dim=768, spec_layers=6, spec_heads=6,
