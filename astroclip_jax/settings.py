@@ -211,6 +211,7 @@ class ServeSettings:
     max_k: int
     max_upload_bytes: int
     duplicate_arcsec: float  # neighbours this close on the sky (where RA/Dec exist) are dropped
+    allowed_hosts: tuple[str, ...]  # Host header names answered besides host and loopback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,6 +470,8 @@ def _validate_index_and_serve(index: IndexSettings | None, serve: ServeSettings 
         checks["serve.max_upload_bytes"] = (serve.max_upload_bytes > 0, "> 0")
         checks["serve.duplicate_arcsec"] = (serve.duplicate_arcsec >= 0, ">= 0")
         checks["serve.host"] = (bool(serve.host), "a host name or address")
+        checks["serve.allowed_hosts"] = (all(h.split() == [h] for h in serve.allowed_hosts),
+                                         "host names without spaces")
     for name, (ok, expected) in checks.items():
         if not ok:
             value = getattr(index if name.startswith("index.") else serve, name.split(".")[1])

@@ -6,10 +6,15 @@
 Saved beside the embeddings table as ``workdir/embeddings/<split>.index/``: one faiss file per
 modality (``image.faiss``, ``spectrum.faiss``), the catalogue columns the search page shows
 (``targetid``, the record ``index``, ``redshift``, ``log_mstar``, and ``ra``/``dec`` where the
-table has them) as ``.npy``, and ``meta.json`` (the embeddings key it was built from, each
-file's size and sha256, each index's kind, build time and measured recall@10). Every file is
-verified when opened and then memory-mapped (faiss ``IO_FLAG_MMAP | IO_FLAG_MMAP_IFC``, NumPy
-``mmap_mode="r"``), so opening a survey-sized index costs page cache, not a copy in memory.
+table has them) as ``.npy``, ``meta.json`` (the embeddings key and row count it was built
+from, each index's kind, build time and measured recall@10), and, written last,
+``checksums.json``: the size and sha256 of every other file, ``meta.json`` included
+(`files.seal`). When opened, every file is checked against it, no other file may be there,
+``meta.json`` must have the documented structure and match the embeddings (key, row count),
+and each faiss index and column must hold that many rows; anything else makes the index
+damaged or stale, and `open_or_build` rebuilds it. Then everything is memory-mapped (faiss
+``IO_FLAG_MMAP | IO_FLAG_MMAP_IFC``, NumPy ``mmap_mode="r"``), so opening a survey-sized index
+costs page cache, not a copy in memory.
 
 Which index (the embeddings are unit vectors, so inner product = cosine similarity):
 - up to ``index.exact_max`` rows: ``IndexFlatIP``, exact. One query scans every vector: about
@@ -42,9 +47,10 @@ from astroclip_jax import files
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.errors import ConfigError, DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sealed by CHECKSUMS_FILE (1 checked its files from meta.json alone)
 RECALL_K = 10
 META_FILE = "meta.json"
+CHECKSUMS_FILE = "checksums.json"
 MODALITIES = {"image": "image_embedding", "spectrum": "spectrum_embedding"}
 # Catalogue columns kept with the index (what a result table shows), where the table has them.
 CATALOGUE = ("targetid", "index", "redshift", "log_mstar", "ra", "dec")
@@ -186,6 +192,7 @@ def build(chunks, n: int, out: str, key: str, settings: settings_lib.IndexSettin
                 f"{entry['recall_at_10']}, {entry['build_seconds']:.1f} s")
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
+        files.seal(tmp, CHECKSUMS_FILE)  # last: its presence means the index was finished
     return meta
 
 
@@ -257,6 +264,8 @@ class RunIndex:
 
     def row_of(self, targetid: int) -> int | None:
         """The row of ``targetid``, or None when the table has no such galaxy."""
+        if not -2 ** 63 <= int(targetid) < 2 ** 63:  # no int64 column holds it
+            return None
         tids, order = self.columns["targetid"], self.columns["targetid_order"]
         at = int(np.searchsorted(tids, targetid, sorter=order))
         if at < len(order) and int(tids[order[at]]) == int(targetid):
@@ -264,34 +273,112 @@ class RunIndex:
         return None
 
 
-def open_index(directory: str, key: str | None = None) -> RunIndex:
-    """Open a built index directory (verified: sizes, sha256, and ``key`` when given),
-    memory-mapped. Raises DataError naming the file when something does not match."""
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _file_name(entry) -> bool:
+    name = entry.get("file") if isinstance(entry, dict) else None
+    return isinstance(name, str) and name == os.path.basename(name) and name not in ("", ".", "..")
+
+
+def meta_problem(meta) -> str | None:
+    """What makes a parsed ``meta.json`` other than `build` writes it (the first problem, in
+    words), or None."""
+    if not isinstance(meta, dict):
+        return "is not a JSON object"
+    if meta.get("format_version") != FORMAT_VERSION:
+        return f"has format {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+    if not isinstance(meta.get("embeddings_key"), str):
+        return "has no embeddings_key string"
+    if not _is_int(meta.get("n"), 1):
+        return f"has row count n = {meta.get('n')!r}, expected an integer >= 1"
+    modalities, columns = meta.get("modalities"), meta.get("columns")
+    if not isinstance(modalities, dict) or not modalities or set(modalities) - set(MODALITIES):
+        return f"has modalities {modalities!r}, expected some of {list(MODALITIES)}"
+    for m, entry in modalities.items():
+        if not _file_name(entry) or not isinstance(entry.get("factory"), str) or \
+                not _is_int(entry.get("dim"), 1) or \
+                ("k_factor" in entry and not _is_int(entry["k_factor"], 1)):
+            return f"has an incomplete entry for modality {m!r}"
+    required = {"targetid", "index", "targetid_order"}
+    if not isinstance(columns, dict) or not required <= set(columns) or \
+            set(columns) - set(CATALOGUE) - required:
+        return f"has columns {columns!r}, expected {sorted(required)} and some of {CATALOGUE}"
+    for c, entry in columns.items():
+        if not _file_name(entry):
+            return f"has an incomplete entry for column {c!r}"
+    return None
+
+
+def open_index(directory: str, key: str | None = None, n: int | None = None) -> RunIndex:
+    """Open a built index directory, verified (module docstring; ``key`` and the row count
+    ``n`` of the embeddings when given), memory-mapped. Raises DataError naming the file when
+    something does not match."""
     faiss = _faiss()
+    problem = files.damage(directory, CHECKSUMS_FILE)
+    if problem is not None:
+        raise DataError(f"index {directory}: {problem}")
+    with open(os.path.join(directory, CHECKSUMS_FILE), encoding="utf-8") as f:
+        sealed = set(json.load(f))  # just verified by files.damage
+    extra = sorted(set(files.files_under(directory, CHECKSUMS_FILE)) - sealed)
+    if extra:
+        raise DataError(f"index {directory}: holds {extra}, which {CHECKSUMS_FILE} does not list")
+    meta_path = os.path.join(directory, META_FILE)
     try:
-        with open(os.path.join(directory, META_FILE), encoding="utf-8") as f:
+        with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError) as err:
-        raise DataError(f"index {directory}: {META_FILE} is missing or damaged ({err})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"index {directory} has format {meta.get('format_version')}, expected "
-                        f"{FORMAT_VERSION}")
-    if key is not None and meta.get("embeddings_key") != key:
+        raise DataError(f"index file {meta_path} is missing or not JSON ({err})") from None
+    problem = meta_problem(meta)
+    entries = [] if problem else [*meta["columns"].values(), *meta["modalities"].values()]
+    unsealed = sorted(e["file"] for e in entries if e["file"] not in sealed)
+    if problem is None and unsealed:
+        problem = f"names {unsealed}, which {CHECKSUMS_FILE} does not list"
+    if problem is not None:
+        raise DataError(f"index file {meta_path} {problem}")
+    if key is not None and meta["embeddings_key"] != key:
         raise DataError(f"index {directory} was built from other embeddings")
-    for entry in [*meta["columns"].values(), *meta["modalities"].values()]:
-        path = os.path.join(directory, entry["file"])
-        problem = files.file_problem(path, entry["bytes"], entry["sha256"])
-        if problem is not None:
-            raise DataError(f"index file {path} {problem}")
+    if n is not None and meta["n"] != n:
+        raise DataError(f"index file {meta_path} says {meta['n']} rows; the embeddings have {n}")
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
-    indexes = {}
+    indexes, columns = {}, {}
     for m, entry in meta["modalities"].items():
-        indexes[m] = faiss.read_index(os.path.join(directory, entry["file"]), flags)
+        path = os.path.join(directory, entry["file"])
+        try:
+            indexes[m] = faiss.read_index(path, flags)
+        except RuntimeError as err:
+            raise DataError(f"index file {path} is not a faiss index ({err})") from None
+        if indexes[m].ntotal != meta["n"] or indexes[m].d != entry["dim"]:
+            raise DataError(f"index file {path} holds {indexes[m].ntotal} vectors of "
+                            f"{indexes[m].d} dimensions; {META_FILE} says {meta['n']} of "
+                            f"{entry['dim']}")
         if "k_factor" in entry:
-            indexes[m].k_factor = int(entry["k_factor"])
-    columns = {c: np.load(os.path.join(directory, e["file"]), mmap_mode="r")
-               for c, e in meta["columns"].items()}
+            indexes[m].k_factor = entry["k_factor"]
+    for c, entry in meta["columns"].items():
+        path = os.path.join(directory, entry["file"])
+        try:
+            columns[c] = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise DataError(f"index file {path} is not a .npy column ({err})") from None
+        if columns[c].shape != (meta["n"],) or (c in ("targetid", "index", "targetid_order")
+                                                 and columns[c].dtype.kind not in "iu"):
+            raise DataError(f"index file {path} holds {columns[c].dtype} {columns[c].shape}; "
+                            f"expected {meta['n']} rows")
     return RunIndex(directory=directory, meta=meta, indexes=indexes, columns=columns)
+
+
+def require_split(settings: settings_lib.RunSettings, mode: str) -> None:
+    """``search`` and ``serve`` show galaxies of a dataset split: both embeddings, their
+    records (pictures, spectra, redshifts). A one-modality survey (``eval.survey_file``) has
+    neither; say so in one line before anything is embedded."""
+    if settings.eval is not None and settings.eval.survey_file:
+        raise ConfigError(
+            f"--mode={mode} searches a dataset split (both modalities, pictures and redshifts "
+            f"from its records); config field eval.survey_file = "
+            f"{settings.eval.survey_file!r} is a one-modality survey, which it cannot show: "
+            "unset it (a survey's table is read in Python with "
+            "evaluation.embed.iter_embedding_chunks)")
 
 
 def open_or_build(table: str, manifest: Mapping[str, Any], settings: settings_lib.RunSettings,
@@ -304,15 +391,16 @@ def open_or_build(table: str, manifest: Mapping[str, Any], settings: settings_li
         raise ConfigError("the config has no `index` section (see configs/spender.py)")
     key = manifest["embeddings_key"]
     out = index_dir(table)
+    n = int(manifest["n"])
     if os.path.exists(out):
         try:
-            return open_index(out, key)
+            return open_index(out, key, n)
         except DataError as err:
             log(f"index: {err}; rebuilding it")
     names = [c for c in (*MODALITIES.values(), *CATALOGUE) if c in manifest["columns"]]
-    build(lambda: embed.iter_embedding_chunks(table, names), int(manifest["n"]), out, key,
+    build(lambda: embed.iter_embedding_chunks(table, names), n, out, key,
           settings.index, settings.seed, log)
-    return open_index(out, key)
+    return open_index(out, key, n)
 
 
 def open_run_index(settings: settings_lib.RunSettings, workdir: str, log=print) -> RunIndex:

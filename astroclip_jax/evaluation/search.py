@@ -240,6 +240,7 @@ def run(config, workdir):
     """``--mode=search``: retrieval figures for the query galaxies and the |delta z| score,
     searched with the run's faiss index."""
     settings = settings_lib.resolve(config)
+    index_lib.require_split(settings, "search")
 
     def report_with_index(inputs):
         # The table the runner has just ensured and read: open (or build) its index without
