@@ -379,7 +379,9 @@ def test_only_requests_naming_this_server_in_their_host_header_are_answered(serv
     name as Host; the server refuses it."""
     port = urllib.parse.urlsplit(server).port
     for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example",
-                 "localhost.evil.example", "[::2]", "", "[::1", "0.0.0.0"):
+                 "localhost.evil.example", "[::2]", "", "[::1", "0.0.0.0",
+                 "evil@127.0.0.1", "127.0.0.1/x", "127.0.0.1 evil", "localhost.",
+                 f"127.0.0.1:{port}:{port}"):
         r = httpx.get(f"{server}/api/info", headers={"Host": host})
         _assert_4xx(r, 400, "serve.allowed_hosts")
         _assert_4xx(httpx.post(f"{server}/api/search", headers={"Host": host},

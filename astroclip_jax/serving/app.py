@@ -27,8 +27,8 @@ holds reaches a 500, and the server keeps serving.
 
 import collections
 import logging
+import re
 import socket
-import urllib.parse
 from importlib import resources
 from typing import Annotated
 
@@ -56,8 +56,11 @@ HEADER_TIMEOUT_S = 5.0
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
 _WILDCARD = ("0.0.0.0", "::", "")
 UPLOAD_FIELDS = ("file", "direction", "k", "format")
-# Target ids are int64 in every table; a seed is a non-negative int (NumPy's SeedSequence).
-TargetId = Annotated[int, Path(ge=-2 ** 63, le=2 ** 63 - 1)]
+# A Host header: a name or IPv4 address, or a bracketed IPv6 address, and an optional port
+# (RFC 9110 section 7.2); anything else (user info, paths, spaces) is refused outright.
+_HOST = re.compile(r"(?P<name>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
+_INT64 = {"ge": -2 ** 63, "le": 2 ** 63 - 1}  # target ids are int64 in every table
+TargetId = Annotated[int, Path(**_INT64)]
 
 
 def _page(name: str) -> str:
@@ -77,11 +80,8 @@ def host_problem(header: str | None, allowed: frozenset[str]) -> str | None:
     """Why a request's Host header is refused, or None."""
     if "*" in allowed:
         return None
-    try:
-        name = urllib.parse.urlsplit(f"//{header}").hostname if header else None
-    except ValueError:
-        name = None
-    if name in allowed:
+    match = _HOST.fullmatch(header or "")
+    if match is not None and match["name"].strip("[]").lower() in allowed:
         return None
     return (f"Host header {header!r} is not a name of this server (DNS rebinding protection); "
             f"expected one of {sorted(allowed)} or a name listed in config field "
@@ -171,8 +171,8 @@ def create_app(service: Service, hosts: frozenset[str] = frozenset(_LOOPBACK)):
 
     @app.get("/api/search")
     def search(direction: str, k: int | None = None,
-               targetid: Annotated[int | None, Query(ge=-2 ** 63, le=2 ** 63 - 1)] = None,
-               random: bool = False,
+               targetid: Annotated[int | None, Query(**_INT64)] = None,
+               random: bool = False,  # seeds: NumPy's SeedSequence takes integers >= 0
                seed: Annotated[int | None, Query(ge=0, le=2 ** 63 - 1)] = None,
                format: str = "json"):
         if targetid is None and not random:
