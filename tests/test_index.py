@@ -201,6 +201,8 @@ DAMAGE = {  # what happens to a built index -> what the refusal names
     "n true, resealed": (lambda d: _edit_meta(d, lambda m: m.update(n=True)), "row count"),
     "dim a float, resealed": (lambda d: _edit_meta(d, lambda m: m["modalities"]["image"].update(
         dim=32.0)), "modality 'image'"),
+    "recall removed, resealed": (lambda d: _edit_meta(d, lambda m: m["modalities"]["image"].pop(
+        "recall_at_10")), "modality 'image'"),
     "k_factor a string, resealed": (lambda d: _edit_meta(
         d, lambda m: m["modalities"]["image"].update(k_factor="8")), "modality 'image'"),
     "a file outside the index, resealed": (lambda d: _edit_meta(

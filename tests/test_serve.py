@@ -247,6 +247,10 @@ def test_impossible_npy_and_fits_uploads_get_a_4xx_naming_the_file(server):
         (_npy_with_header("(1099511627776, 1099511627776, 3)"), 413, "at most"),
         (_npy_with_header("(400000000000000000000000,)"), 413, "at most"),
         (_npy_with_header("(40, 40, 3)", descr="'|O'"), 400, "object"),
+        (_npy_with_header("(1, 40, 40, 3)", data=bytes(19200)), 400, "at most 3"),
+        (_npy_with_header("(1,) * 70"), 400, ".npy header"),
+        (_npy_with_header(str((1,) * 70), data=bytes(4)), 400, "at most 3"),
+        (_npy_with_header("(True, 3)", data=bytes(12)), 400, "sizes >= 0"),
         (_npy_with_header("(4,)", descr="[('a', '<f4')]", data=bytes(16)), 400, "flux"),
         (_npy_with_header("(40, 40, 3)", fortran="'yes'"), 400, ".npy header"),
         (_npy_with_header("[40, 40, 3]"), 400, ".npy header"),
@@ -263,6 +267,10 @@ def test_impossible_npy_and_fits_uploads_get_a_4xx_naming_the_file(server):
         (_edit_cards(good_fits, NAXIS=1000), 400, "FITS"),
         (_edit_cards(good_fits, NAXIS1=10 ** 15), 400, "complete FITS file"),
         (_fits_header({"BITPIX": 8, "NAXIS": 0}), 400, "no image"),
+        (_fits(np.ones((1, 3, 40, 40), np.float32)), 400, "at most 3"),
+        (_fits_header({"BITPIX": 8, "NAXIS": 0, "EXTEND": "T"}) + b"".join(_fits_header(
+            {"XTENSION": "'IMAGE'", "BITPIX": 8, "NAXIS": 0, "PCOUNT": 0, "GCOUNT": 1},
+            primary=False) for _ in range(70)), 400, "first 64 HDUs"),
         (_fits_header({"BITPIX": "'abc'", "NAXIS": 0}), 400, "FITS"),
         (_fits_header({"BITPIX": 8, "NAXIS": 0, "EXTEND": "T"}) + _fits_header(
             {"XTENSION": "'BINTABLE'", "BITPIX": 8, "NAXIS": 2, "NAXIS1": 4, "NAXIS2": 1,

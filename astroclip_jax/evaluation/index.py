@@ -297,9 +297,13 @@ def meta_problem(meta) -> str | None:
     if not isinstance(modalities, dict) or not modalities or set(modalities) - set(MODALITIES):
         return f"has modalities {modalities!r}, expected some of {list(MODALITIES)}"
     for m, entry in modalities.items():
+        recall = entry.get("recall_at_10") if isinstance(entry, dict) else None
         if not _file_name(entry) or not isinstance(entry.get("factory"), str) or \
                 not _is_int(entry.get("dim"), 1) or \
-                ("k_factor" in entry and not _is_int(entry["k_factor"], 1)):
+                ("k_factor" in entry and not _is_int(entry["k_factor"], 1)) or \
+                not isinstance(recall, dict) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool)
+                    for v in recall.values()):
             return f"has an incomplete entry for modality {m!r}"
     required = {"targetid", "index", "targetid_order"}
     if not isinstance(columns, dict) or not required <= set(columns) or \

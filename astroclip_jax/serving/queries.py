@@ -32,6 +32,12 @@ class BadRequest(ValueError):
 # FITS BITPIX -> bytes per value (the standard's six); anything else is not a FITS image.
 _BITPIX_BYTES = {8: 1, 16: 2, 32: 4, 64: 8, -32: 4, -64: 8}
 _MAX_AXES = 999  # the FITS standard's NAXIS limit
+# A cutout has 3 axes and a spectrum 1 or 2: more is no upload of this page (and NumPy itself
+# stops at 64), refused before any data is decoded.
+MAX_NDIM = 3
+# HDUs read looking for the image: an image file has it first or second; thousands of empty
+# HDUs would only cost header parsing.
+MAX_HDUS = 64
 
 
 def max_values(max_upload_bytes: int) -> int:
@@ -56,10 +62,20 @@ def read_array(content: bytes, limit: int) -> np.ndarray:
                      "written by numpy.save or a FITS writer)")
 
 
-def _too_many(shape, count: int, limit: int, where: str) -> BadRequest:
-    return BadRequest(f"file: {where} holds shape {tuple(shape)} = {count} values; at most "
-                      f"{limit} are accepted (serve.max_upload_bytes of float32 values)",
-                      status=413)
+def _check_size(shape, limit: int, where: str) -> int:
+    """The number of values of an array of ``shape`` (sizes already >= 0), refused when it has
+    more than `MAX_NDIM` axes, none, or more than ``limit`` values."""
+    count = math.prod(shape)
+    if len(shape) > MAX_NDIM:
+        raise BadRequest(f"file: {where} holds {len(shape)} axes {tuple(shape)}; expected at "
+                         f"most {MAX_NDIM} (a cutout or a spectrum)")
+    if count == 0:
+        raise BadRequest(f"file: {where} holds an empty array of shape {tuple(shape)}")
+    if count > limit:
+        raise BadRequest(f"file: {where} holds shape {tuple(shape)} = {count} values; at most "
+                         f"{limit} are accepted (serve.max_upload_bytes of float32 values)",
+                         status=413)
+    return count
 
 
 def _read_npy(content: bytes, limit: int) -> np.ndarray:
@@ -80,13 +96,9 @@ def _read_npy(content: bytes, limit: int) -> np.ndarray:
     if dtype.hasobject or dtype.fields is not None or dtype.shape or dtype.kind not in "iuf":
         raise BadRequest(f"file: the .npy file holds {dtype} values; expected integer or "
                          "floating-point flux")
-    if any(d < 0 for d in shape):
+    if any(isinstance(d, bool) or d < 0 for d in shape):
         raise BadRequest(f"file: the .npy header gives shape {shape}; expected sizes >= 0")
-    count = math.prod(shape)
-    if count == 0:
-        raise BadRequest(f"file: the .npy file holds an empty array of shape {shape}")
-    if count > limit:
-        raise _too_many(shape, count, limit, "the .npy file")
+    count = _check_size(shape, limit, "the .npy file")
     data_bytes = count * dtype.itemsize
     if len(content) - buf.tell() != data_bytes:
         raise BadRequest(f"file: the .npy header gives shape {shape} of {dtype} "
@@ -120,10 +132,10 @@ def _axes(header, prefix: str = "") -> list[int]:
             for i in range(1, _card_int(header, f"{prefix}NAXIS", 0, _MAX_AXES) + 1)]
 
 
-def _image_plan(header, compressed: bool):
-    """(shape in NumPy order, values) of the image an HDU header describes, or None when it
-    describes no image; checked card by card (FITS standard 4.0 section 4.4, and the tiled
-    image convention's Z keywords)."""
+def _image_shape(header, compressed: bool):
+    """The shape (NumPy order) of the image an HDU header describes, or None when it
+    describes no image (no axes, or one of size 0); checked card by card (FITS standard 4.0
+    section 4.4, and the tiled image convention's Z keywords)."""
     z = "Z" if compressed else ""
     _bitpix(header, f"{z}BITPIX")
     axes = _axes(header, z)
@@ -131,8 +143,7 @@ def _image_plan(header, compressed: bool):
         for i, size in enumerate(axes, start=1):
             if f"ZTILE{i}" in header:
                 _card_int(header, f"ZTILE{i}", 1, max(size, 1))
-    count = math.prod(axes) if axes else 0
-    return (tuple(reversed(axes)), count) if count else None
+    return tuple(reversed(axes)) if axes and math.prod(axes) else None
 
 
 def _raw_bytes(header) -> int:
@@ -158,6 +169,9 @@ def _read_fits(content: bytes, limit: int) -> np.ndarray:
                        disable_image_compression=True) as hdus:
             chosen = None
             for i, hdu in enumerate(hdus):
+                if i == MAX_HDUS:
+                    raise BadRequest(f"file: the FITS file has no image in its first "
+                                     f"{MAX_HDUS} HDUs; expected an image HDU")
                 header = hdu.header
                 end = hdus.fileinfo(i)["datLoc"] + _raw_bytes(header)
                 if end > len(content):
@@ -165,9 +179,9 @@ def _read_fits(content: bytes, limit: int) -> np.ndarray:
                                      f"{len(content)}; expected a complete FITS file")
                 compressed = header.get("XTENSION") == "BINTABLE" and header.get("ZIMAGE") is True
                 if i == 0 or header.get("XTENSION") == "IMAGE" or compressed:
-                    plan = _image_plan(header, compressed)
-                    if plan is not None:
-                        chosen = (i, *plan)
+                    shape = _image_shape(header, compressed)
+                    if shape is not None:
+                        chosen = (i, shape)
                         break
     except BadRequest:
         raise
@@ -177,9 +191,8 @@ def _read_fits(content: bytes, limit: int) -> np.ndarray:
     if chosen is None:
         raise BadRequest("file: the FITS file holds no image array (expected an image HDU, "
                          "plain or tile-compressed)")
-    index, shape, count = chosen
-    if count > limit:
-        raise _too_many(shape, count, limit, f"FITS HDU {index}")
+    index, shape = chosen
+    _check_size(shape, limit, f"FITS HDU {index}")
     try:
         with fits.open(io.BytesIO(content), memmap=False) as hdus:
             array = np.array(hdus[index].data)
