@@ -211,6 +211,9 @@ DAMAGE = {  # what happens to a built index -> what the refusal names
         d, lambda m: m["columns"].update(z={"file": "targetid.npy"})), "columns"),
     "format 1, resealed": (lambda d: _edit_meta(d, lambda m: m.update(format_version=1)),
                            "format"),
+    "format 1 as written before checksums.json": (lambda d: (
+        _edit_meta(d, lambda m: m.update(format_version=1), reseal=False),
+        os.remove(os.path.join(d, "checksums.json"))), "format 1 (older"),
     "not JSON, resealed": (lambda d: _edit_meta(d, lambda m: "{"), "not JSON"),
     "a JSON list, resealed": (lambda d: _edit_meta(d, lambda m: "[]"), "not a JSON object"),
     "meta.json removed": (lambda d: os.remove(os.path.join(d, index_lib.META_FILE)),

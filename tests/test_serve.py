@@ -491,6 +491,11 @@ def test_serve_settings_are_checked_and_a_taken_port_is_one_line():
         s.listen()
         with pytest.raises(UserError, match="cannot serve on 127.0.0.1"):
             app_lib.bind("127.0.0.1", s.getsockname()[1])
+    with app_lib.bind("127.0.0.1", 0) as first:  # a server still building its index
+        with pytest.raises(UserError, match="cannot serve on 127.0.0.1"):
+            app_lib.bind("127.0.0.1", first.getsockname()[1])
+    with pytest.raises(UserError, match="cannot serve on 256.0.0.1"):
+        app_lib.bind("256.0.0.1", 8000)
     config = spender.get_config("smoke")
     config.serve.allowed_hosts = ("good.example", "bad host")
     with pytest.raises(ConfigError, match="serve.allowed_hosts"):

@@ -315,12 +315,25 @@ def meta_problem(meta) -> str | None:
     return None
 
 
+def _format_of(meta_path: str):
+    """The format_version a meta.json says, or None (for the message about an old index)."""
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta.get("format_version") if isinstance(meta, dict) else None
+
+
 def open_index(directory: str, key: str | None = None, n: int | None = None) -> RunIndex:
     """Open a built index directory, verified (module docstring; ``key`` and the row count
     ``n`` of the embeddings when given), memory-mapped. Raises DataError naming the file when
     something does not match."""
     faiss = _faiss()
     problem = files.damage(directory, CHECKSUMS_FILE)
+    if problem is not None and not os.path.exists(os.path.join(directory, CHECKSUMS_FILE)) \
+            and _format_of(os.path.join(directory, META_FILE)) == 1:
+        problem = f"format 1 (older, its {META_FILE} unsealed); expected {FORMAT_VERSION}"
     if problem is not None:
         raise DataError(f"index {directory}: {problem}")
     with open(os.path.join(directory, CHECKSUMS_FILE), encoding="utf-8") as f:

@@ -255,6 +255,9 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart reuses its port
     try:
         sock.bind((host, port))
+        # Listening at once holds the port while the index is built: with SO_REUSEADDR a
+        # second server could otherwise bind it too and fail later, in uvicorn.
+        sock.listen(2048)
     except OSError as err:
         sock.close()
         raise UserError(f"cannot serve on {host}:{port} ({err.strerror}); choose another "
