@@ -106,7 +106,7 @@ class Service:
         """The query (a target id, a random galaxy, or an uploaded cutout or spectrum of the
         direction's query modality) and its ``k`` nearest distinct neighbours."""
         if direction not in DIRECTIONS:
-            raise queries.BadRequest(f"unknown direction {direction!r}; expected one of "
+            raise queries.BadRequest(f"unknown direction {direction[:60]!r}; expected one of "
                                      f"{list(DIRECTIONS)}")
         max_k = self.settings.serve.max_k
         if not 1 <= k <= max_k:
