@@ -188,6 +188,14 @@ DAMAGE = {  # what happens to a built index -> what the refusal names
                                                reseal=False), "meta.json"),
     "row count changed, resealed": (lambda d: _edit_meta(d, lambda m: m.update(n=m["n"] - 1)),
                                     "rows"),
+    "a modality dropped from meta.json, resealed": (lambda d: _edit_meta(
+        d, lambda m: m["modalities"].pop("image")), "names files"),
+    "a modality dropped with its file, resealed": (lambda d: (
+        os.remove(os.path.join(d, "image.faiss")),
+        _edit_meta(d, lambda m: m["modalities"].pop("image"))), "the embeddings need"),
+    "a column dropped with its file, resealed": (lambda d: (
+        os.remove(os.path.join(d, "redshift.npy")),
+        _edit_meta(d, lambda m: m["columns"].pop("redshift"))), "the embeddings need"),
     "key changed": (lambda d: _edit_meta(d, lambda m: m.update(embeddings_key="k2"),
                                          reseal=False), "meta.json"),
     "factory changed": (lambda d: _edit_meta(d, lambda m: m["modalities"]["image"].update(
@@ -253,7 +261,7 @@ def test_a_damaged_changed_or_incomplete_index_is_refused_in_one_line_then_rebui
         shutil.copytree(pristine, out)
         damage(out)
         with pytest.raises(DataError) as refused:
-            index_lib.open_index(out, "k1", 700)
+            index_lib.open_index(out, "k1", 700, manifest["columns"])
         message = str(refused.value)
         assert names in message and "\n" not in message, (case, message)
         assert out in message, (case, message)  # the file or directory is named
@@ -262,7 +270,7 @@ def test_a_damaged_changed_or_incomplete_index_is_refused_in_one_line_then_rebui
         assert any("rebuilding" in line for line in logged), (case, logged)
         got, _ = rebuilt.search("spectrum", table["image_embedding"][rows], 5)
         np.testing.assert_array_equal(got, want, err_msg=case)
-        assert index_lib.open_index(out, "k1", 700).n == 700
+        assert index_lib.open_index(out, "k1", 700, manifest["columns"]).n == 700
 
 
 def test_search_on_a_survey_says_in_one_line_why_not(smoke_run, tmp_path):

@@ -10,8 +10,9 @@ table has them) as ``.npy``, ``meta.json`` (the embeddings key and row count it 
 from, each index's kind, build time and measured recall@10), and, written last,
 ``checksums.json``: the size and sha256 of every other file, ``meta.json`` included
 (`files.seal`). When opened, every file is checked against it, no other file may be there,
-``meta.json`` must have the documented structure and match the embeddings (key, row count),
-and each faiss index and column must hold that many rows; anything else makes the index
+``meta.json`` must have the documented structure, name exactly the other files, and match
+the embeddings (key, row count, columns), and each faiss index and column must hold that many
+rows; anything else makes the index
 damaged or stale, and `open_or_build` rebuilds it. Then everything is memory-mapped (faiss
 ``IO_FLAG_MMAP | IO_FLAG_MMAP_IFC``, NumPy ``mmap_mode="r"``), so opening a survey-sized index
 costs page cache, not a copy in memory.
@@ -315,6 +316,13 @@ def meta_problem(meta) -> str | None:
     return None
 
 
+def _contents(table_columns: Iterable[str]) -> tuple[set[str], set[str]]:
+    """(modalities, catalogue columns) the index of a table with these columns holds."""
+    names = set(table_columns)
+    return ({m for m, col in MODALITIES.items() if col in names},
+            {c for c in CATALOGUE if c in names} | {"targetid_order"})
+
+
 def _format_of(meta_path: str):
     """The format_version a meta.json says, or None (for the message about an old index)."""
     try:
@@ -325,10 +333,12 @@ def _format_of(meta_path: str):
     return meta.get("format_version") if isinstance(meta, dict) else None
 
 
-def open_index(directory: str, key: str | None = None, n: int | None = None) -> RunIndex:
-    """Open a built index directory, verified (module docstring; ``key`` and the row count
-    ``n`` of the embeddings when given), memory-mapped. Raises DataError naming the file when
-    something does not match."""
+def open_index(directory: str, key: str | None = None, n: int | None = None,
+               table_columns: Iterable[str] | None = None) -> RunIndex:
+    """Open a built index directory, verified (module docstring; the key, row count ``n`` and
+    column names of the embeddings when given: an index of each embedding, a copy of each
+    catalogue column), memory-mapped. Raises DataError naming the file when something does not
+    match."""
     faiss = _faiss()
     problem = files.damage(directory, CHECKSUMS_FILE)
     if problem is not None and not os.path.exists(os.path.join(directory, CHECKSUMS_FILE)) \
@@ -348,10 +358,17 @@ def open_index(directory: str, key: str | None = None, n: int | None = None) -> 
     except (OSError, ValueError) as err:
         raise DataError(f"index file {meta_path} is missing or not JSON ({err})") from None
     problem = meta_problem(meta)
-    entries = [] if problem else [*meta["columns"].values(), *meta["modalities"].values()]
-    unsealed = sorted(e["file"] for e in entries if e["file"] not in sealed)
-    if problem is None and unsealed:
-        problem = f"names {unsealed}, which {CHECKSUMS_FILE} does not list"
+    if problem is None:
+        named = {e["file"] for e in [*meta["columns"].values(), *meta["modalities"].values()]}
+        if named != sealed - {META_FILE}:
+            problem = (f"names files {sorted(named)}; {CHECKSUMS_FILE} lists "
+                       f"{sorted(sealed - {META_FILE})}")
+    if problem is None and table_columns is not None:
+        want = _contents(table_columns)
+        if want != (set(meta["modalities"]), set(meta["columns"])):
+            problem = (f"lists modalities {sorted(meta['modalities'])} and columns "
+                       f"{sorted(meta['columns'])}; the embeddings need {sorted(want[0])} and "
+                       f"{sorted(want[1])}")
     if problem is not None:
         raise DataError(f"index file {meta_path} {problem}")
     if key is not None and meta["embeddings_key"] != key:
@@ -408,16 +425,16 @@ def open_or_build(table: str, manifest: Mapping[str, Any], settings: settings_li
         raise ConfigError("the config has no `index` section (see configs/spender.py)")
     key = manifest["embeddings_key"]
     out = index_dir(table)
-    n = int(manifest["n"])
+    n, have = int(manifest["n"]), list(manifest["columns"])
     if os.path.exists(out):
         try:
-            return open_index(out, key, n)
+            return open_index(out, key, n, have)
         except DataError as err:
             log(f"index: {err}; rebuilding it")
-    names = [c for c in (*MODALITIES.values(), *CATALOGUE) if c in manifest["columns"]]
+    names = [c for c in (*MODALITIES.values(), *CATALOGUE) if c in have]
     build(lambda: embed.iter_embedding_chunks(table, names), n, out, key,
           settings.index, settings.seed, log)
-    return open_index(out, key, n)
+    return open_index(out, key, n, have)
 
 
 def open_run_index(settings: settings_lib.RunSettings, workdir: str, log=print) -> RunIndex:
