@@ -64,7 +64,7 @@ def read_array(content: bytes, limit: int) -> np.ndarray:
 
 def _check_size(shape, limit: int, where: str) -> int:
     """The number of values of an array of ``shape`` (sizes already >= 0), refused when it has
-    more than `MAX_NDIM` axes, none, or more than ``limit`` values."""
+    more than `MAX_NDIM` axes, no values, or more than ``limit``."""
     count = math.prod(shape)
     if len(shape) > MAX_NDIM:
         raise BadRequest(f"file: {where} holds {len(shape)} axes {tuple(shape)}; expected at "
