@@ -224,6 +224,7 @@ class ServeSettings:
     max_k: int
     max_upload_bytes: int
     duplicate_arcsec: float  # neighbours this close on the sky (where RA/Dec exist) are dropped
+    allowed_hosts: tuple[str, ...]  # Host header names answered besides host and loopback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -609,6 +610,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "serve.k": (POSITIVE, at_most("serve.max_k")),
     "serve.max_upload_bytes": (POSITIVE,),
     "serve.duplicate_arcsec": (NON_NEGATIVE,),
+    "serve.allowed_hosts": (each(_plain(lambda h: h.split() == [h], "a host name without "
+                                                                    "spaces")),),
     "spender_pretrain.encoder_size": (names_in("astroclip_jax.models.spender", "SIZES"),),
     "spender_pretrain.decoder_size": (names_in("astroclip_jax.models.spender_autoencoder",
                                                 "DECODER_SIZES"),),

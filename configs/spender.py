@@ -203,9 +203,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # 127.0.0.1: reachable from this machine only (use an SSH tunnel, or host="0.0.0.0" on a
     # trusted network). duplicate_arcsec: neighbours this close to the query or to a better
     # neighbour on the sky (where the catalogue has ra/dec) count as the same galaxy.
+    # allowed_hosts: names clients reach the server by (its Host header) besides host,
+    # localhost and 127.0.0.1, e.g. ("myserver.example.org",) with host="0.0.0.0"; others are
+    # refused (DNS rebinding protection).
     c.serve = ml_collections.ConfigDict(dict(
         host="127.0.0.1", port=8000, k=8, max_k=100, max_upload_bytes=8 * 2 ** 20,
-        duplicate_arcsec=2.0))
+        duplicate_arcsec=2.0, allowed_hosts=()))
 
     if arg == "":
         # The small towers pretrained here on the synthetic default training split, each by the

@@ -1,10 +1,14 @@
 """The faiss index (evaluation/index.py) against NumPy float64 brute force: exact below
 `index.exact_max`, the approximate index above it with the recall@10 its metadata records
-recomputed here; files memory-mapped, verified, and refused when damaged; `--mode=search`
-searching through the index; near-duplicates by sky distance against astropy."""
+recomputed here; files memory-mapped, verified (meta.json too), refused when damaged or stale
+and then rebuilt; `--mode=search` searching through the index; near-duplicates by sky
+distance against astropy."""
 
 import json
 import os
+import shutil
+import subprocess
+import types
 
 import faiss
 import numpy as np
@@ -13,6 +17,7 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord
 
 import cli_runs
+from astroclip_jax import files
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.errors import DataError
 from astroclip_jax.evaluation import embed, search
@@ -140,6 +145,150 @@ def test_a_damaged_or_stale_index_is_refused(tmp_path):
     (out / index_lib.META_FILE).write_text("{")
     with pytest.raises(DataError, match="meta.json"):
         index_lib.open_index(str(out))
+
+
+def _edit_meta(directory, change, reseal=True):
+    """Apply ``change`` to the parsed meta.json (or write its return value's text when it
+    returns a string), then reseal the directory when asked: a writer that also rewrote the
+    checksums, so that only the structure and cross-checks can catch it."""
+    path = os.path.join(directory, index_lib.META_FILE)
+    with open(path) as f:
+        meta = json.load(f)
+    text = change(meta)
+    with open(path, "w") as f:
+        f.write(text if isinstance(text, str) else json.dumps(meta))
+    if reseal:
+        files.seal(directory, index_lib.CHECKSUMS_FILE)
+
+
+def _reseal(change):
+    def damage(directory):
+        change(directory)
+        files.seal(directory, index_lib.CHECKSUMS_FILE)
+    return damage
+
+
+def _truncate(name):
+    def change(directory):
+        path = os.path.join(directory, name)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 16)
+    return change
+
+
+def _write(name, content):
+    def change(directory):
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(content)
+    return change
+
+
+DAMAGE = {  # what happens to a built index -> what the refusal names
+    "row count changed": (lambda d: _edit_meta(d, lambda m: m.update(n=m["n"] + 1),
+                                               reseal=False), "meta.json"),
+    "row count changed, resealed": (lambda d: _edit_meta(d, lambda m: m.update(n=m["n"] - 1)),
+                                    "rows"),
+    "a modality dropped from meta.json, resealed": (lambda d: _edit_meta(
+        d, lambda m: m["modalities"].pop("image")), "names files"),
+    "a modality dropped with its file, resealed": (lambda d: (
+        os.remove(os.path.join(d, "image.faiss")),
+        _edit_meta(d, lambda m: m["modalities"].pop("image"))), "the embeddings need"),
+    "a column dropped with its file, resealed": (lambda d: (
+        os.remove(os.path.join(d, "redshift.npy")),
+        _edit_meta(d, lambda m: m["columns"].pop("redshift"))), "the embeddings need"),
+    "key changed": (lambda d: _edit_meta(d, lambda m: m.update(embeddings_key="k2"),
+                                         reseal=False), "meta.json"),
+    "factory changed": (lambda d: _edit_meta(d, lambda m: m["modalities"]["image"].update(
+        factory="HNSW32"), reseal=False), "meta.json"),
+    "columns removed, resealed": (lambda d: _edit_meta(d, lambda m: m.pop("columns")),
+                                  "columns"),
+    "modalities a list, resealed": (lambda d: _edit_meta(
+        d, lambda m: m.update(modalities=["image"])), "modalities"),
+    "n a string, resealed": (lambda d: _edit_meta(d, lambda m: m.update(n=str(m["n"]))),
+                             "row count"),
+    "n true, resealed": (lambda d: _edit_meta(d, lambda m: m.update(n=True)), "row count"),
+    "dim a float, resealed": (lambda d: _edit_meta(d, lambda m: m["modalities"]["image"].update(
+        dim=32.0)), "modality 'image'"),
+    "recall removed, resealed": (lambda d: _edit_meta(d, lambda m: m["modalities"]["image"].pop(
+        "recall_at_10")), "modality 'image'"),
+    "k_factor a string, resealed": (lambda d: _edit_meta(
+        d, lambda m: m["modalities"]["image"].update(k_factor="8")), "modality 'image'"),
+    "a file outside the index, resealed": (lambda d: _edit_meta(
+        d, lambda m: m["columns"]["targetid"].update(file="../t.npy")), "column 'targetid'"),
+    "an unknown column, resealed": (lambda d: _edit_meta(
+        d, lambda m: m["columns"].update(z={"file": "targetid.npy"})), "columns"),
+    "format 1, resealed": (lambda d: _edit_meta(d, lambda m: m.update(format_version=1)),
+                           "format"),
+    "format 1 as written before checksums.json": (lambda d: (
+        _edit_meta(d, lambda m: m.update(format_version=1), reseal=False),
+        os.remove(os.path.join(d, "checksums.json"))), "format 1 (older"),
+    "not JSON, resealed": (lambda d: _edit_meta(d, lambda m: "{"), "not JSON"),
+    "a JSON list, resealed": (lambda d: _edit_meta(d, lambda m: "[]"), "not a JSON object"),
+    "meta.json removed": (lambda d: os.remove(os.path.join(d, index_lib.META_FILE)),
+                          "meta.json is missing"),
+    "checksums removed": (lambda d: os.remove(os.path.join(d, "checksums.json")),
+                          "checksums.json"),
+    "checksums not JSON": (_write("checksums.json", b"[1, 2"), "checksums.json"),
+    "an extra file": (_write("extra.npy", b"x"), "extra.npy"),
+    "a column truncated": (_truncate("targetid.npy"), "targetid.npy"),
+    "a column truncated, resealed": (_reseal(_truncate("redshift.npy")), "redshift.npy"),
+    "a column with other rows, resealed": (_reseal(lambda d: np.save(
+        os.path.join(d, "index.npy"), np.arange(5))), "index.npy"),
+    "a faiss file of garbage, resealed": (_reseal(_write("spectrum.faiss", b"not faiss" * 9)),
+                                          "spectrum.faiss"),
+    "a faiss file of other vectors, resealed": (_reseal(lambda d: faiss.write_index(
+        faiss.IndexFlatIP(32), os.path.join(d, "image.faiss"))), "image.faiss"),
+}
+
+
+def test_a_damaged_changed_or_incomplete_index_is_refused_in_one_line_then_rebuilt(tmp_path):
+    """Every file of the index directory, meta.json included, is verified; a meta.json whose
+    structure or counts do not match is refused even when the checksums were rewritten with
+    it. `open_or_build` then rebuilds an index that answers like NumPy brute force."""
+    table = _table(700, seed=4)
+    path = str(tmp_path / "t")
+    embed.write_embeddings(path, table, {"split": "test"}, "k1", chunk_rows=300)
+    manifest = embed.embedding_manifest(path)
+    settings = types.SimpleNamespace(index=SETTINGS, seed=0)
+    out = index_lib.index_dir(path)
+    index_lib.open_or_build(path, manifest, settings, log=lambda _: None)
+    pristine = str(tmp_path / "pristine")
+    shutil.copytree(out, pristine)
+    rows = np.arange(0, 700, 50)
+    want, _ = _brute(table["image_embedding"][rows], table["spectrum_embedding"], 5)
+    for case, (damage, names) in DAMAGE.items():
+        shutil.rmtree(out)
+        shutil.copytree(pristine, out)
+        damage(out)
+        with pytest.raises(DataError) as refused:
+            index_lib.open_index(out, "k1", 700, manifest["columns"])
+        message = str(refused.value)
+        assert names in message and "\n" not in message, (case, message)
+        assert out in message, (case, message)  # the file or directory is named
+        logged = []
+        rebuilt = index_lib.open_or_build(path, manifest, settings, log=logged.append)
+        assert any("rebuilding" in line for line in logged), (case, logged)
+        got, _ = rebuilt.search("spectrum", table["image_embedding"][rows], 5)
+        np.testing.assert_array_equal(got, want, err_msg=case)
+        assert index_lib.open_index(out, "k1", 700, manifest["columns"]).n == 700
+
+
+def test_search_on_a_survey_says_in_one_line_why_not(smoke_run, tmp_path):
+    """`--mode=search` needs both modalities and the split's records: a survey is refused in
+    one line before anything is embedded."""
+    from astroclip_jax.data.survey_files import write_survey_file
+
+    path = write_survey_file(str(tmp_path / "south.h5"), np.zeros((3, 64, 64, 3), np.float32),
+                             ra=np.zeros(3), dec=np.zeros(3))
+    workdir = str(tmp_path / "run")
+    shutil.copytree(smoke_run, workdir)
+    proc = subprocess.run(cli_runs.command("search", workdir, f"--config.eval.survey_file={path}"),
+                          cwd=cli_runs.ROOT, env=cli_runs.env(), capture_output=True, text=True,
+                          timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: config field eval.survey_file") and "--mode=search" in lines[0]
+    assert not os.path.exists(os.path.join(workdir, "embeddings", "survey-south"))
 
 
 def test_search_report_through_the_index_equals_brute_force(exact):

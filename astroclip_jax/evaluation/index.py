@@ -6,10 +6,16 @@
 Saved beside the embeddings table as ``workdir/embeddings/<split>.index/``: one faiss file per
 modality (``image.faiss``, ``spectrum.faiss``), the catalogue columns the search page shows
 (``targetid``, the record ``index``, ``redshift``, ``log_mstar``, and ``ra``/``dec`` where the
-table has them) as ``.npy``, and ``meta.json`` (the embeddings key it was built from, each
-file's size and sha256, each index's kind, build time and measured recall@10). Every file is
-verified when opened and then memory-mapped (faiss ``IO_FLAG_MMAP | IO_FLAG_MMAP_IFC``, NumPy
-``mmap_mode="r"``), so opening a survey-sized index costs page cache, not a copy in memory.
+table has them) as ``.npy``, ``meta.json`` (the embeddings key and row count it was built
+from, each index's kind, build time and measured recall@10), and, written last,
+``checksums.json``: the size and sha256 of every other file, ``meta.json`` included
+(`files.seal`). When opened, every file is checked against it, no other file may be there,
+``meta.json`` must have the documented structure, name exactly the other files, and match
+the embeddings (key, row count, columns), and each faiss index and column must hold that many
+rows; anything else makes the index
+damaged or stale, and `open_or_build` rebuilds it. Then everything is memory-mapped (faiss
+``IO_FLAG_MMAP | IO_FLAG_MMAP_IFC``, NumPy ``mmap_mode="r"``), so opening a survey-sized index
+costs page cache, not a copy in memory.
 
 Which index (the embeddings are unit vectors, so inner product = cosine similarity):
 - up to ``index.exact_max`` rows: ``IndexFlatIP``, exact. One query scans every vector: about
@@ -42,9 +48,10 @@ from astroclip_jax import files
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.errors import ConfigError, DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sealed by CHECKSUMS_FILE (1 checked its files from meta.json alone)
 RECALL_K = 10
 META_FILE = "meta.json"
+CHECKSUMS_FILE = "checksums.json"
 MODALITIES = {"image": "image_embedding", "spectrum": "spectrum_embedding"}
 # Catalogue columns kept with the index (what a result table shows), where the table has them.
 CATALOGUE = ("targetid", "index", "redshift", "log_mstar", "ra", "dec")
@@ -186,6 +193,7 @@ def build(chunks, n: int, out: str, key: str, settings: settings_lib.IndexSettin
                 f"{entry['recall_at_10']}, {entry['build_seconds']:.1f} s")
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
+        files.seal(tmp, CHECKSUMS_FILE)  # last: its presence means the index was finished
     return meta
 
 
@@ -257,6 +265,8 @@ class RunIndex:
 
     def row_of(self, targetid: int) -> int | None:
         """The row of ``targetid``, or None when the table has no such galaxy."""
+        if not -2 ** 63 <= int(targetid) < 2 ** 63:  # no int64 column holds it
+            return None
         tids, order = self.columns["targetid"], self.columns["targetid_order"]
         at = int(np.searchsorted(tids, targetid, sorter=order))
         if at < len(order) and int(tids[order[at]]) == int(targetid):
@@ -264,33 +274,131 @@ class RunIndex:
         return None
 
 
-def open_index(directory: str, key: str | None = None) -> RunIndex:
-    """Open a built index directory (verified: sizes, sha256, and ``key`` when given),
-    memory-mapped. Raises DataError naming the file when something does not match."""
-    faiss = _faiss()
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _file_name(entry) -> bool:
+    name = entry.get("file") if isinstance(entry, dict) else None
+    return isinstance(name, str) and name == os.path.basename(name) and name not in ("", ".", "..")
+
+
+def meta_problem(meta) -> str | None:
+    """What makes a parsed ``meta.json`` other than `build` writes it (the first problem, in
+    words), or None."""
+    if not isinstance(meta, dict):
+        return "is not a JSON object"
+    if meta.get("format_version") != FORMAT_VERSION:
+        return f"has format {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+    if not isinstance(meta.get("embeddings_key"), str):
+        return "has no embeddings_key string"
+    if not _is_int(meta.get("n"), 1):
+        return f"has row count n = {meta.get('n')!r}, expected an integer >= 1"
+    modalities, columns = meta.get("modalities"), meta.get("columns")
+    if not isinstance(modalities, dict) or not modalities or set(modalities) - set(MODALITIES):
+        return f"has modalities {modalities!r}, expected some of {list(MODALITIES)}"
+    for m, entry in modalities.items():
+        recall = entry.get("recall_at_10") if isinstance(entry, dict) else None
+        if not _file_name(entry) or not isinstance(entry.get("factory"), str) or \
+                not _is_int(entry.get("dim"), 1) or \
+                ("k_factor" in entry and not _is_int(entry["k_factor"], 1)) or \
+                not isinstance(recall, dict) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool)
+                    for v in recall.values()):
+            return f"has an incomplete entry for modality {m!r}"
+    required = {"targetid", "index", "targetid_order"}
+    if not isinstance(columns, dict) or not required <= set(columns) or \
+            set(columns) - set(CATALOGUE) - required:
+        return f"has columns {columns!r}, expected {sorted(required)} and some of {CATALOGUE}"
+    for c, entry in columns.items():
+        if not _file_name(entry):
+            return f"has an incomplete entry for column {c!r}"
+    return None
+
+
+def _contents(table_columns: Iterable[str]) -> tuple[set[str], set[str]]:
+    """(modalities, catalogue columns) the index of a table with these columns holds."""
+    names = set(table_columns)
+    return ({m for m, col in MODALITIES.items() if col in names},
+            {c for c in CATALOGUE if c in names} | {"targetid_order"})
+
+
+def _format_of(meta_path: str):
+    """The format_version a meta.json says, or None (for the message about an old index)."""
     try:
-        with open(os.path.join(directory, META_FILE), encoding="utf-8") as f:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta.get("format_version") if isinstance(meta, dict) else None
+
+
+def open_index(directory: str, key: str | None = None, n: int | None = None,
+               table_columns: Iterable[str] | None = None) -> RunIndex:
+    """Open a built index directory, verified (module docstring; the key, row count ``n`` and
+    column names of the embeddings when given: an index of each embedding, a copy of each
+    catalogue column), memory-mapped. Raises DataError naming the file when something does not
+    match."""
+    faiss = _faiss()
+    problem = files.damage(directory, CHECKSUMS_FILE)
+    if problem is not None and not os.path.exists(os.path.join(directory, CHECKSUMS_FILE)) \
+            and _format_of(os.path.join(directory, META_FILE)) == 1:
+        problem = f"format 1 (older, its {META_FILE} unsealed); expected {FORMAT_VERSION}"
+    if problem is not None:
+        raise DataError(f"index {directory}: {problem}")
+    with open(os.path.join(directory, CHECKSUMS_FILE), encoding="utf-8") as f:
+        sealed = set(json.load(f))  # just verified by files.damage
+    extra = sorted(set(files.files_under(directory, CHECKSUMS_FILE)) - sealed)
+    if extra:
+        raise DataError(f"index {directory}: holds {extra}, which {CHECKSUMS_FILE} does not list")
+    meta_path = os.path.join(directory, META_FILE)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError) as err:
-        raise DataError(f"index {directory}: {META_FILE} is missing or damaged ({err})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"index {directory} has format {meta.get('format_version')}, expected "
-                        f"{FORMAT_VERSION}")
-    if key is not None and meta.get("embeddings_key") != key:
+        raise DataError(f"index file {meta_path} is missing or not JSON ({err})") from None
+    problem = meta_problem(meta)
+    if problem is None:
+        named = {e["file"] for e in [*meta["columns"].values(), *meta["modalities"].values()]}
+        if named != sealed - {META_FILE}:
+            problem = (f"names files {sorted(named)}; {CHECKSUMS_FILE} lists "
+                       f"{sorted(sealed - {META_FILE})}")
+    if problem is None and table_columns is not None:
+        want = _contents(table_columns)
+        if want != (set(meta["modalities"]), set(meta["columns"])):
+            problem = (f"lists modalities {sorted(meta['modalities'])} and columns "
+                       f"{sorted(meta['columns'])}; the embeddings need {sorted(want[0])} and "
+                       f"{sorted(want[1])}")
+    if problem is not None:
+        raise DataError(f"index file {meta_path} {problem}")
+    if key is not None and meta["embeddings_key"] != key:
         raise DataError(f"index {directory} was built from other embeddings")
-    for entry in [*meta["columns"].values(), *meta["modalities"].values()]:
-        path = os.path.join(directory, entry["file"])
-        problem = files.file_problem(path, entry["bytes"], entry["sha256"])
-        if problem is not None:
-            raise DataError(f"index file {path} {problem}")
+    if n is not None and meta["n"] != n:
+        raise DataError(f"index file {meta_path} says {meta['n']} rows; the embeddings have {n}")
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
-    indexes = {}
+    indexes, columns = {}, {}
     for m, entry in meta["modalities"].items():
-        indexes[m] = faiss.read_index(os.path.join(directory, entry["file"]), flags)
+        path = os.path.join(directory, entry["file"])
+        try:
+            indexes[m] = faiss.read_index(path, flags)
+        except RuntimeError as err:
+            raise DataError(f"index file {path} is not a faiss index ({err})") from None
+        if indexes[m].ntotal != meta["n"] or indexes[m].d != entry["dim"]:
+            raise DataError(f"index file {path} holds {indexes[m].ntotal} vectors of "
+                            f"{indexes[m].d} dimensions; {META_FILE} says {meta['n']} of "
+                            f"{entry['dim']}")
         if "k_factor" in entry:
-            indexes[m].k_factor = int(entry["k_factor"])
-    columns = {c: np.load(os.path.join(directory, e["file"]), mmap_mode="r")
-               for c, e in meta["columns"].items()}
+            indexes[m].k_factor = entry["k_factor"]
+    for c, entry in meta["columns"].items():
+        path = os.path.join(directory, entry["file"])
+        try:
+            columns[c] = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise DataError(f"index file {path} is not a .npy column ({err})") from None
+        if columns[c].shape != (meta["n"],) or (c in ("targetid", "index", "targetid_order")
+                                                 and columns[c].dtype.kind not in "iu"):
+            raise DataError(f"index file {path} holds {columns[c].dtype} {columns[c].shape}; "
+                            f"expected {meta['n']} rows")
     return RunIndex(directory=directory, meta=meta, indexes=indexes, columns=columns)
 
 
@@ -304,15 +412,16 @@ def open_or_build(table: str, manifest: Mapping[str, Any], settings: settings_li
         raise ConfigError("the config has no `index` section (see configs/spender.py)")
     key = manifest["embeddings_key"]
     out = index_dir(table)
+    n, have = int(manifest["n"]), list(manifest["columns"])
     if os.path.exists(out):
         try:
-            return open_index(out, key)
+            return open_index(out, key, n, have)
         except DataError as err:
             log(f"index: {err}; rebuilding it")
-    names = [c for c in (*MODALITIES.values(), *CATALOGUE) if c in manifest["columns"]]
-    build(lambda: embed.iter_embedding_chunks(table, names), int(manifest["n"]), out, key,
+    names = [c for c in (*MODALITIES.values(), *CATALOGUE) if c in have]
+    build(lambda: embed.iter_embedding_chunks(table, names), n, out, key,
           settings.index, settings.seed, log)
-    return open_index(out, key)
+    return open_index(out, key, n, have)
 
 
 def open_run_index(settings: settings_lib.RunSettings, workdir: str, log=print) -> RunIndex:

@@ -131,6 +131,18 @@ def _examples_reader(data, split: str, image_size: int):
     return examples
 
 
+def require_split(settings: settings_lib.RunSettings, mode: str) -> None:
+    """The evaluations, ``search`` and ``serve`` read a dataset split: both embeddings and the
+    records (pictures, spectra, redshifts, catalogue). A one-modality survey
+    (``eval.survey_file``) has neither; say so in one line before anything is embedded."""
+    if settings.eval.survey_file:
+        raise ConfigError(
+            f"config field eval.survey_file is {settings.eval.survey_file!r}: --mode={mode} "
+            "reads the image-spectrum pairs of a dataset split (eval.split) with their records "
+            "and catalogue, which a one-modality survey does not have; unset it (--mode=embed "
+            "embeds a survey; read its table with evaluation.embed.iter_embedding_chunks)")
+
+
 def run(settings: settings_lib.RunSettings, workdir: str, mode: str) -> dict[str, Any]:
     """``--mode=<mode>``: the evaluator `registry.py` names for `mode`, end to end."""
     return run_evaluator(settings, workdir, mode, registry.evaluator(mode))
@@ -145,12 +157,7 @@ def run_evaluator(settings: settings_lib.RunSettings, workdir: str, mode: str,
 
 
 def _run(settings, workdir, mode, out, evaluate):
-    if settings.eval.survey_file:  # before embedding a whole survey for nothing
-        raise ConfigError(
-            f"config field eval.survey_file is {settings.eval.survey_file!r}: {mode} evaluates "
-            "the image-spectrum pairs of a dataset split (eval.split) with their catalogue, "
-            "which a one-modality survey does not have; --mode=embed embeds a survey. Unset "
-            "eval.survey_file to evaluate the run")
+    require_split(settings, mode)  # before embedding a whole survey for nothing
     arrays, meta, data = embeddings.load_or_compute_embeddings(settings, workdir)
     result = evaluate(EvalInputs(arrays=arrays, meta=meta, settings=settings.eval,
                                  examples=_examples_reader(data, meta["split"],

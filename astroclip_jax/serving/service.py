@@ -52,6 +52,7 @@ class Service:
         self.min_cutout = max(self.data.image_crop, self.image_size)
         cols = self.index.columns
         self.has_sky = "ra" in cols and "dec" in cols
+        self.max_values = queries.max_values(self.settings.serve.max_upload_bytes)
 
     @classmethod
     def open(cls, settings: settings_lib.RunSettings, workdir: str, log=print) -> "Service":
@@ -105,7 +106,7 @@ class Service:
         """The query (a target id, a random galaxy, or an uploaded cutout or spectrum of the
         direction's query modality) and its ``k`` nearest distinct neighbours."""
         if direction not in DIRECTIONS:
-            raise queries.BadRequest(f"unknown direction {direction!r}; expected one of "
+            raise queries.BadRequest(f"unknown direction {direction[:60]!r}; expected one of "
                                      f"{list(DIRECTIONS)}")
         max_k = self.settings.serve.max_k
         if not 1 <= k <= max_k:
@@ -164,7 +165,7 @@ class Service:
                 enumerate(chosen, start=1)], dropped
 
     def _embed_upload(self, modality: str, content: bytes):
-        array = queries.read_array(content)
+        array = queries.read_array(content, self.max_values)
         if modality == "image":
             image = queries.cutout(array, self.min_cutout)
             with self._model_lock:
