@@ -153,7 +153,7 @@ class TrainSettings:
 class EvalSettings:
     split: str
     batch_size: int
-    checkpoint: str  # "best" | "latest" | a step number
+    checkpoint: str  # "best" | "latest" | a step number | "initial" (as built, untrained)
     knn_neighbors: int
     knn_holdout: int
     knn_holdout_fraction: float
@@ -562,8 +562,9 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "train.keep_checkpoints": (POSITIVE,),
     "train.log_every_steps": (POSITIVE,),
     "eval.batch_size": (POSITIVE,),
-    "eval.checkpoint": (_plain(lambda v: v in ("best", "latest") or v.isdigit(),
-                               "'best', 'latest' or a step number"),),
+    "eval.checkpoint": (_plain(lambda v: v in ("best", "latest", "initial") or v.isdigit(),
+                               "'best', 'latest', a step number or 'initial' (the model "
+                               "as the config builds it)"),),
     "eval.knn_neighbors": (POSITIVE,),
     "eval.knn_holdout": (POSITIVE,),
     "eval.knn_holdout_fraction": (UNIT_OPEN,),

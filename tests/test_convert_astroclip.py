@@ -345,34 +345,63 @@ def test_wrong_head_shape_writes_nothing(tmp_path, upstream):
     assert not (tmp_path / "out").exists()
 
 
-def test_converted_files_run_through_the_config(tmp_path):
-    """What a user runs: the converted directories named in configs/astroclip.py, the model
-    built from the settings (`models.astroclip.build`), against the torch references."""
+@pytest.fixture(scope="module")
+def converted_grid(tmp_path_factory):
+    """astroclip.ckpt in upstream's format at test widths on the DESI grid, converted."""
     _needs_mappings()
-    import jax
-
-    from astroclip_jax import settings as settings_lib
-    from astroclip_jax.models import astroclip as astroclip_model
-    from configs import astroclip as astroclip_config
-
-    sizes = SIZES["grid"]
-    paths = write_checkpoints(str(tmp_path / "upstream"), "grid", seed=5, names=("astroclip.ckpt",))
-    out_dir = tmp_path / "converted"
+    tmp = tmp_path_factory.mktemp("grid")
+    paths = write_checkpoints(str(tmp / "upstream"), "grid", seed=5, names=("astroclip.ckpt",))
+    out_dir = tmp / "converted"
     run = _cli(paths["astroclip.ckpt"], out_dir)
     assert run.returncode == 0, run.stderr
+    return paths["astroclip.ckpt"], out_dir
+
+
+def _grid_overrides(out_dir):
+    """configs/astroclip.py:smoke pointed at the converted files, heads of their shape."""
+    sizes = SIZES["grid"]
+    hidden = f"({4 * sizes['embed_dim']},)"
+    return {"model.image_tower.weights": str(out_dir / "image_tower"),
+            "model.spectrum_tower.weights": str(out_dir / "spectrum_tower"),
+            "model.heads_weights": str(out_dir / "heads"),
+            "model.image_head.hidden": hidden, "model.spectrum_head.hidden": hidden,
+            "model.image_head.out": sizes["embed_dim"], "model.spectrum_head.out":
+                sizes["embed_dim"], "model.image_head.num_heads": sizes["n_head"],
+            "model.spectrum_head.num_heads": sizes["n_head"]}
+
+
+def _grid_settings(out_dir):
+    import ast
+
+    from astroclip_jax import settings as settings_lib
+    from configs import astroclip as astroclip_config
+
     config = astroclip_config.get_config("smoke")
-    config.model.image_tower.weights = str(out_dir / "image_tower")
-    config.model.spectrum_tower.weights = str(out_dir / "spectrum_tower")
-    config.model.heads_weights = str(out_dir / "heads")
-    for head in (config.model.image_head, config.model.spectrum_head):
-        head.out, head.num_heads, head.hidden = sizes["embed_dim"], sizes["n_head"], (
-            4 * sizes["embed_dim"],)
-    settings = settings_lib.resolve(config, "train")
+    for field, value in _grid_overrides(out_dir).items():
+        section, *rest = field.split(".")
+        target = config[section]
+        for part in rest[:-1]:
+            target = target[part]
+        target[rest[-1]] = ast.literal_eval(value) if isinstance(value, str) and \
+            value.startswith("(") else value
+    return settings_lib.resolve(config, "train")
+
+
+def test_converted_files_run_through_the_config(converted_grid):
+    """What a user runs: the converted directories named in configs/astroclip.py, the model
+    built from the settings (`models.astroclip.build`), against the torch references."""
+    import jax
+
+    from astroclip_jax.models import astroclip as astroclip_model
+
+    checkpoint, out_dir = converted_grid
+    sizes = SIZES["grid"]
+    settings = _grid_settings(out_dir)
     model, params = astroclip_model.build(settings.model, jax.random.PRNGKey(0))
     images, flux = _inputs(sizes, n=4)
     image, spectrum = map(np.asarray, jax.jit(model.embed)(
         params, images.transpose(0, 2, 3, 1), flux))
-    with np.load(paths["astroclip.ckpt"] + ".reference.npz") as npz:
+    with np.load(checkpoint + ".reference.npz") as npz:
         state = {k: npz[k] for k in npz.files}
     tokens = _timm_tokens(state, "image_encoder.backbone.", sizes, images)
     spec_tokens = _torch_specformer(state, "spectrum_encoder.backbone.", sizes, flux)
@@ -382,3 +411,33 @@ def test_converted_files_run_through_the_config(tmp_path):
              "spectrum")):
         ref = np.asarray(ref, np.float64)
         _close(ours, ref / np.linalg.norm(ref, axis=1, keepdims=True), what)  # the model's L2
+
+
+def test_the_released_model_is_evaluated_and_exported_as_published(converted_grid, tmp_path):
+    """`eval.checkpoint=initial`: eval_knn and export of the converted model with no training
+    and no checkpoint; the exported folder's Embedder equals the model built from the config."""
+    import jax
+
+    import cli_runs
+    from astroclip_jax.evaluation import restore
+    from astroclip_jax.models import astroclip as astroclip_model
+
+    _, out_dir = converted_grid
+    flags = [f"--config.{k}={v}" for k, v in _grid_overrides(out_dir).items()]
+    flags.append("--config.eval.checkpoint=initial")
+    workdir = str(tmp_path / "released")
+    for mode in ("eval_knn", "export"):
+        cli_runs.run(mode, workdir, *flags, config_file="configs/astroclip.py")
+    with open(os.path.join(workdir, "eval_knn", "results.json")) as f:
+        results = json.load(f)
+    assert results["checkpoint"] == {"step": 0, "directory": "initial"}
+    assert all(np.isfinite(v) for per_target in results["r2"].values()
+               for v in per_target.values())
+    embedder = restore.load_embedder(os.path.join(workdir, "export"))
+    model, params = astroclip_model.build(_grid_settings(out_dir).model, jax.random.PRNGKey(0))
+    sizes = SIZES["grid"]
+    rng = np.random.default_rng(2)
+    flux = (5 + rng.normal(size=(3, sizes["spectrum_length"]))).astype(np.float32)
+    np.testing.assert_allclose(embedder.embed_spectra(flux),
+                               np.asarray(model.embed_spectra(params, flux)), rtol=1e-5,
+                               atol=1e-6)

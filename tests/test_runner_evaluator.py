@@ -137,8 +137,8 @@ def test_an_evaluation_of_a_survey_is_refused_in_one_line_before_embedding(tmp_p
     config = _config()
     config.eval.survey_file = "/data/legacysurvey/south"
     with pytest.raises(ConfigError, match=r"^config field eval.survey_file is "
-                                          r"'/data/legacysurvey/south': eval_test evaluates the "
-                                          r"image-spectrum pairs"):
+                                          r"'/data/legacysurvey/south': --mode=eval_test reads "
+                                          r"the image-spectrum pairs"):
         runner.run_evaluator(settings_lib.resolve(config), str(tmp_path), "eval_test",
                              _evaluator([]))
     assert loads == [] and not os.path.exists(tmp_path / "eval_test")

@@ -118,7 +118,7 @@ def ensure_embeddings(settings: settings_lib.RunSettings, workdir: str,
     ``data`` is the dataset as embedded. Nothing is loaded into memory.
 
     Raises MissingInput (saying what to run) when the work directory has no checkpoint."""
-    trained = restore.restore_trained_model(workdir, settings.eval.checkpoint)
+    trained = restore.run_model(settings, workdir)
     data = data_for_run(settings.data, trained.settings)
     rows = rows_for(settings, data, trained)
     directory = embeddings_path(workdir, rows.name)

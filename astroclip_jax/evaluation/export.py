@@ -37,7 +37,7 @@ from astroclip_jax.models import tower_weights, towers
 
 EXPORT_DIR = "export"
 FORMAT_VERSION = 1
-TOWERS = {"image_tower": "resnet", "spectrum_tower": "spender"}
+TOWERS = ("image_tower", "spectrum_tower")
 
 
 def _tower_config_and_extras(trained: restore.TrainedModel, name: str):
@@ -45,11 +45,11 @@ def _tower_config_and_extras(trained: restore.TrainedModel, name: str):
     MLP are not part of the frozen towers)."""
     setting = getattr(trained.settings.model, name)
     if setting.weights:
-        weights = tower_weights.load_tower(setting.weights, kind=TOWERS[name])
+        weights = tower_weights.load_tower(setting.weights, kind=setting.kind)
         config, extras = dict(weights.config), dict(weights.extras)
     else:
-        config, extras = towers.tower_config(TOWERS[name], setting.size), {}
-    if TOWERS[name] == "resnet":
+        config, extras = towers.tower_config(setting.kind, setting.size), {}
+    if setting.kind == "resnet":
         config["head_hidden"] = None
     return config, extras
 
@@ -60,6 +60,7 @@ def portable_config(config: ml_collections.ConfigDict) -> dict:
     for name in TOWERS:
         out["model"][name]["weights"] = name  # relative to the export folder
     out["model"]["image_head"]["init_from_tower"] = False  # the heads are stored as trained
+    out["model"]["heads_weights"] = None
     for field in ("data_dir", "manual_dir", "provabgs_path"):
         out["data"][field] = None
     if "feature_cache" in out:
@@ -70,8 +71,9 @@ def portable_config(config: ml_collections.ConfigDict) -> dict:
 def write_export(trained: restore.TrainedModel, out: str, source: dict | None = None) -> str:
     """Write the export folder of `trained` to `out` (replacing it atomically); its path."""
     with files.atomic_directory(out) as tmp:
-        for name, kind in TOWERS.items():
+        for name in TOWERS:
             config, extras = _tower_config_and_extras(trained, name)
+            kind = getattr(trained.settings.model, name).kind
             tower_weights.save_tower(os.path.join(tmp, name), kind, config,
                                      _numpy(trained.params[name]), extras=extras,
                                      source={"exported_from": trained.checkpoint_dir})
@@ -105,7 +107,7 @@ def run(settings: settings_lib.RunSettings, workdir: str) -> str:
     if os.path.exists(out) and not settings.eval.overwrite:
         raise WouldOverwrite(f"{out} exists; set config.eval.overwrite=True "
                              "(--config.eval.overwrite) to replace it")
-    trained = restore.restore_trained_model(workdir, settings.eval.checkpoint)
+    trained = restore.run_model(settings, workdir)
     with runner.evaluation_directory(workdir, "export"):  # one at a time; clears a killed one's
         files.remove_leftovers(os.path.abspath(workdir), (EXPORT_DIR,))
         write_export(trained, out, source={"workdir": os.path.abspath(workdir),

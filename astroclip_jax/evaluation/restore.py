@@ -73,6 +73,21 @@ def _stored_config(stored: dict[str, Any]) -> ml_collections.ConfigDict:
     return settings_lib.with_missing_fields(stored, spender_config.get_config(""))
 
 
+INITIAL = "initial"  # eval.checkpoint: the model as the config builds it, no training
+
+
+def run_model(settings: settings_lib.RunSettings, workdir: str) -> TrainedModel:
+    """The model a mode evaluates: the work directory's checkpoint `eval.checkpoint`, or with
+    "initial" the model the config builds (converted towers and heads, e.g. the released
+    AstroCLIP's, as published: nothing trained, no checkpoint needed)."""
+    if settings.eval.checkpoint != INITIAL:
+        return restore_trained_model(workdir, settings.eval.checkpoint)
+    model, params = astroclip.build(settings.model, jax.random.PRNGKey(settings.seed))
+    return TrainedModel(settings=settings, config=ml_collections.ConfigDict(settings.config),
+                        model=model, params=params, initial_params=params, step=0,
+                        checkpoint_dir=INITIAL)
+
+
 def restore_trained_model(workdir_or_checkpoint: str, which: str = "best") -> TrainedModel:
     """The run in `workdir_or_checkpoint` (a work directory, its `checkpoints/` folder, or one
     `checkpoints/<step>` folder) at checkpoint `which`: "best", "latest" or a step number."""
@@ -179,12 +194,13 @@ class Embedder:
     def embed_images(self, images, preprocessed: bool = False) -> np.ndarray:
         """(N, D) L2-normalised image embeddings of raw flux images (NumPy float32)."""
         x = np.asarray(images, np.float32) if preprocessed else self.preprocess_images(images)
-        return self._batched(self._image_fn, x, self.model.image_head.out)
+        return self._batched(self._image_fn, x, self.trained.settings.model.image_head.out)
 
     def embed_spectra(self, spectra, preprocessed: bool = False) -> np.ndarray:
         """(N, D) L2-normalised spectrum embeddings of raw flux spectra (NumPy float32)."""
         x = np.asarray(spectra, np.float32) if preprocessed else self.preprocess_spectra(spectra)
-        return self._batched(self._spectrum_fn, x, self.model.spectrum_head.out)
+        return self._batched(self._spectrum_fn, x,
+                             self.trained.settings.model.spectrum_head.out)
 
     def _batched(self, fn, x: np.ndarray, dim: int) -> np.ndarray:
         """`fn` over rows of `x` in chunks zero-padded to a few fixed sizes (one compile each)."""

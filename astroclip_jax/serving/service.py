@@ -58,7 +58,7 @@ class Service:
     def open(cls, settings: settings_lib.RunSettings, workdir: str, log=print) -> "Service":
         table, manifest, data = embed.ensure_embeddings(settings, workdir)
         run_index = index_lib.open_or_build(table, manifest, settings, log)
-        embedder = restore.load_embedder(workdir, settings.eval.checkpoint)
+        embedder = restore.Embedder(restore.run_model(settings, workdir))
         split = manifest["meta"]["split"]
         return cls(settings=settings, index=run_index, data=data, split=split,
                    embedder=embedder, source=pipeline.data_source(data, split))
