@@ -27,6 +27,15 @@ from astroclip_jax.flat_tree import flatten, unflatten
 
 FORMAT_VERSION = 1
 _EXTRA = "extra"
+META_FILE = "tower.json"
+DECODER_DIR = "decoder"  # a spender tower's decoder, itself a tower directory
+
+
+def output_kind(kind: str) -> files.OutputKind:
+    """A tower directory of `kind` as an output (`files.check_output_location`): only an
+    earlier tower of the same kind is ever replaced by a new one."""
+    return files.OutputKind(f"{kind} tower", META_FILE, (("kind", kind),),
+                            frozenset({META_FILE, "variables.npz", DECODER_DIR}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +57,15 @@ def save_tower(
     extras: Mapping[str, np.ndarray] | None = None,
     source: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    what: str = "output directory",
 ) -> str:
-    """Writes a tower directory atomically and returns its path."""
+    """Writes a tower directory atomically and returns its path. With `overwrite` an earlier
+    tower of the same `kind` is replaced, and nothing else (`output_kind`); `what` names the
+    setting that chose `out_dir` in the one-line refusal."""
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not overwrite:
-        raise WouldOverwrite(f"{out_dir} already exists; pass overwrite=True to replace it")
+    if os.path.lexists(out_dir) and not overwrite:
+        raise WouldOverwrite(f"{what}: {out_dir} already exists; pass overwrite=True to "
+                             "replace it")
     arrays = {name: np.asarray(value) for name, value in flatten(variables).items()}
     if any(k.startswith(_EXTRA + _SEP) for k in arrays):
         raise ValueError(f"variables must not have a top-level collection named {_EXTRA!r}")
@@ -64,9 +77,9 @@ def save_tower(
         "config": dict(config),
         "source": dict(source or {}),
     }
-    with files.atomic_directory(out_dir) as tmp:
+    with files.atomic_directory(out_dir, output_kind(kind), what) as tmp:
         np.savez(os.path.join(tmp, "variables.npz"), **arrays)
-        with open(os.path.join(tmp, "tower.json"), "w") as f:
+        with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
     return out_dir
 
@@ -74,7 +87,7 @@ def save_tower(
 def load_tower(path: str | os.PathLike, kind: str | None = None) -> TowerWeights:
     """Reads a tower directory written by `save_tower`; checks `kind` when given."""
     path = os.fspath(path)
-    meta_path = os.path.join(path, "tower.json")
+    meta_path = os.path.join(path, META_FILE)
     npz_path = os.path.join(path, "variables.npz")
     for p in (meta_path, npz_path):
         if not os.path.isfile(p):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging as std_logging
 import os
@@ -34,8 +35,10 @@ from absl import logging
 
 from astroclip_jax import files, locks, processes
 from astroclip_jax import settings as settings_lib
+from astroclip_jax.data import pipeline
 from astroclip_jax.data import prepare as prepare_lib
 from astroclip_jax.errors import ConfigError, DamagedCheckpoint, TrainingDiverged
+from astroclip_jax.models import tower_weights
 from astroclip_jax.training import checkpoint as checkpoint_lib
 from astroclip_jax.training import metrics as metrics_lib
 from astroclip_jax.training import sharding
@@ -62,8 +65,8 @@ class Trainer:
       initial_schedule: the JSON-able schedule state of a fresh run (default: none).
       end_of_epoch: (state, schedule, validation metrics) -> (state, schedule) (default: both
         unchanged; the contrastive trainer's ReduceLROnPlateau is the one that uses it).
-      plot_curves: (metrics.jsonl path, PNG path) -> None, the end-of-run figure; None draws
-        the contrastive one (InfoNCE with its chance level and the paper's curves).
+      curves: the end-of-run figure's panels (`metrics.Curves`); None draws the contrastive
+        one (InfoNCE with its chance level and the paper's curves).
     """
 
     abstract_state: Any
@@ -75,7 +78,7 @@ class Trainer:
     initial_schedule: dict[str, Any] = dataclasses.field(default_factory=dict)
     end_of_epoch: Callable[[Any, dict[str, Any], dict[str, float]],
                            tuple[Any, dict[str, Any]]] = _schedule_unchanged
-    plot_curves: Callable[[str, str], Any] | None = None
+    curves: metrics_lib.Curves | None = None
     extra_metrics: tuple[str, ...] = ()  # step metrics also recorded per epoch as train/<name>
     chance_loss: float | None = None  # the loss of a blind guess, shown in the epoch log line
 
@@ -310,8 +313,8 @@ def _run(trainer, train, workdir, config_json, ckpt, spe, total_steps):
         writer.close()
         out = os.path.join(workdir, "training_curves.png")
         metrics_path = os.path.join(workdir, metrics_lib.METRICS_FILE)
-        if trainer.plot_curves is not None:
-            trainer.plot_curves(metrics_path, out)
+        if trainer.curves is not None:
+            metrics_lib.plot_curves(metrics_path, out, trainer.curves)
         else:
             metrics_lib.plot_training_curves(metrics_path, out, batch_size=train.batch_size)
         logging.info("best checkpoint: step %s; figure %s", best, out)
@@ -321,3 +324,66 @@ def _run(trainer, train, workdir, config_json, ckpt, spe, total_steps):
 def no_cleanup(iterator: Iterator[Any]) -> ContextManager[Iterator[Any]]:
     """A batches context for iterators that own nothing to close."""
     return contextlib.nullcontext(iterator)
+
+
+# ------------------------------------------------------------------ what every trainer builds
+
+TOWER_DIR = "tower"  # where a pretrainer writes its tower unless its `tower_dir` says
+
+
+def tower_output(setting: str | None, field: str, kind: str, workdir: str) -> str:
+    """Where a pretrainer writes its tower of `kind`: `setting` (config field `field`), else
+    <workdir>/tower. Checked before any work (`files.check_output_location`): a setting that
+    names the work directory, a folder holding it, or a folder that is not an earlier tower
+    of this kind stops here, in one line, and nothing of it is touched."""
+    workdir = os.path.abspath(workdir)
+    return files.check_output_location(setting or os.path.join(workdir, TOWER_DIR),
+                                       tower_weights.output_kind(kind), f"config field {field}",
+                                       workdir)
+
+
+def replicated_state(mesh: jax.sharding.Mesh, shapes: Any) -> tuple[Any, Any]:
+    """(the restore target, the shardings) of a state replicated on every device, from its
+    shapes (`jax.eval_shape`): the ShapeDtypeStructs carry the replicated sharding."""
+    repl = sharding.replicated(mesh)
+    shardings = jax.tree.map(lambda _: repl, shapes)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                            shapes)
+    return abstract, shardings
+
+
+def step_batches(num_records: int, seed: int, batch_size: int,
+                 read: Callable[[np.ndarray, int], Any], rows: slice | None = None
+                 ) -> Callable[[int], ContextManager[Iterator[Any]]]:
+    """A `Trainer.batches`: from a start step on, step t's input is `read(indices, t)` of
+    this process's `rows` (default: its share, `pipeline.process_rows`) of the records
+    `pipeline.step_indices` draws for t. So the input of a step depends on its number only,
+    and a resumed run reads what the uninterrupted one read."""
+    if rows is None:
+        rows = pipeline.process_rows(batch_size, jax.process_index(), jax.process_count())
+
+    def batches(start: int) -> ContextManager[Iterator[Any]]:
+        return no_cleanup(read(pipeline.step_indices(num_records, seed, t, batch_size)[rows], t)
+                          for t in itertools.count(start))
+
+    return batches
+
+
+def fixed_batches(num_records: int, size: int, read: Callable[[np.ndarray], dict[str, Any]],
+                  mesh: jax.sharding.Mesh | None = None, pad: bool = True) -> list[dict[str, Any]]:
+    """Validation inputs, read once (they never change): `read` of consecutive blocks of
+    `size` records; with a `mesh` this process's rows of each, sharded, else whole batches
+    on the host (a one-device trainer). With `pad` the last block is completed by repeating
+    the last record and each batch carries "mask" (1 for a real row); without, only whole
+    blocks (possibly none: the caller says why that cannot work)."""
+    rows = (slice(None) if mesh is None
+            else pipeline.process_rows(size, jax.process_index(), jax.process_count()))
+    last = num_records if pad else num_records - size + 1
+    out = []
+    for start in range(0, max(last, 0), size):
+        idx = np.arange(start, start + size)
+        batch = dict(read(np.minimum(idx, num_records - 1)[rows]))
+        if pad:
+            batch["mask"] = (idx < num_records)[rows].astype(np.float32)
+        out.append(batch if mesh is None else sharding.shard_batch(batch, mesh))
+    return out
