@@ -298,3 +298,29 @@ def test_export_names_no_path_of_this_machine_and_replaces_only_an_export(smoke_
     with pytest.raises(WouldOverwrite, match="export folder"):
         export.run(config, workdir)
     assert tree_hash(out) == before
+
+
+# ------------------------------------------------------------------------ reading a tower back
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda d: (d / "tower.json").write_text("{not json"), "tower.json"),
+    (lambda d: (d / "tower.json").write_text("[1, 2]"), "tower.json"),
+    (lambda d: (d / "tower.json").write_text('{"format_version": 1, "config": {}}'),
+     "tower.json: field 'kind'"),
+    (lambda d: (d / "tower.json").write_bytes(b"\xff\xfe\x00"), "tower.json"),
+    (lambda d: (d / "variables.npz").write_bytes((d / "variables.npz").read_bytes()[:100]),
+     "variables.npz"),
+    (lambda d: np.savez(d / "variables.npz", bad=np.array([{"a": 1}], dtype=object)),
+     "variables.npz"),
+])
+def test_a_damaged_tower_is_named_in_one_line(tmp_path, damage, needle):
+    """What `load_tower` cannot read is a DataError naming the file, never a traceback (and
+    an object array, which only pickle could read, is never unpickled)."""
+    from astroclip_jax.errors import DataError
+
+    out = tmp_path / "tower"
+    _tower(out, "resnet")
+    damage(out)
+    with pytest.raises(DataError, match=needle) as err:
+        tower_weights.load_tower(out)
+    assert str(out) in str(err.value) and "\n" not in str(err.value)

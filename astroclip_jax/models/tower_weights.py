@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -94,15 +95,25 @@ def load_tower(path: str | os.PathLike, kind: str | None = None) -> TowerWeights
             raise MissingInput(
                 f"{p} not found: {path} is not a converted tower directory "
                 "(make one with `python -m converters.resnet50` or `python -m converters.spender`)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{meta_path}: format_version {meta.get('format_version')!r}, "
-                         f"expected {FORMAT_VERSION}")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # not JSON, not UTF-8, unreadable
+        raise DataError(f"{meta_path} is not a readable tower.json ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version") if isinstance(meta, dict) else type(meta).__name__
+        raise DataError(f"{meta_path}: format_version {found!r}, expected {FORMAT_VERSION}")
+    for field, types in (("kind", str), ("config", dict), ("source", dict)):
+        if not isinstance(meta.get(field, {} if field == "source" else None), types):
+            raise DataError(f"{meta_path}: field {field!r} is {meta.get(field)!r}, expected a "
+                            f"{types.__name__}")
     if kind is not None and meta["kind"] != kind:
         raise DataError(f"{path} holds a {meta['kind']!r} tower, expected {kind!r}")
-    with np.load(npz_path) as npz:
-        flat = {k: npz[k] for k in npz.files}
+    try:  # never pickles: an untrusted file runs no code
+        with np.load(npz_path, allow_pickle=False) as npz:
+            flat = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{npz_path} is not a readable variables.npz ({e})") from None
     extras = {k[len(_EXTRA) + 1:]: v for k, v in flat.items() if k.startswith(_EXTRA + _SEP)}
     variables = unflatten({k: v for k, v in flat.items() if not k.startswith(_EXTRA + _SEP)})
     return TowerWeights(kind=meta["kind"], config=meta["config"], variables=variables,

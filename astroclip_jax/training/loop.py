@@ -177,11 +177,12 @@ def _record_resume_changes(workdir: str, step: int, saved: dict[str, Any],
             f.write(json.dumps({"step": step, "field": name, "from": was, "to": now}) + "\n")
 
 
-def _check_finite(metrics: Metrics, step: int, last_good: int | None) -> None:
+def _check_finite(metrics: Metrics, step: int, ckpt: checkpoint_lib.Checkpointer) -> None:
     bad = [k for k in ("loss", "grad_norm") if k in metrics and not np.isfinite(metrics[k])]
     if bad:
-        where = (f"the last good checkpoint is step {last_good}" if last_good is not None
-                 else "no checkpoint was written")
+        last_good = ckpt.latest_step()
+        where = (f"the last good checkpoint is step {last_good} in {ckpt.directory}"
+                 if last_good is not None else f"no checkpoint was written in {ckpt.directory}")
         raise TrainingDiverged(
             f"step {step}: {' and '.join(bad)} became {float(metrics[bad[0]])}; training stopped "
             f"and nothing after the last epoch was saved ({where}); lower the learning rate or "
@@ -204,11 +205,11 @@ def _mean_metrics(per_step: list[Metrics]) -> dict[str, float]:
 
 
 def _advance(bar, metrics, done: int, epoch: int, t_epoch: float, batch_size: int,
-             log_every: int, last_good: int | None) -> None:
+             log_every: int, ckpt: checkpoint_lib.Checkpointer) -> None:
     """Wait for a step's metrics, stop on a non-finite loss or gradient, then tick the bar
     (and show loss and pairs/s now and then); the metrics, on the host."""
     metrics = jax.device_get(metrics)
-    _check_finite(metrics, bar.n + 1, last_good)
+    _check_finite(metrics, bar.n + 1, ckpt)
     bar.update(1)
     if done % log_every == 0 or done == 1:
         pairs_per_s = done * batch_size / (time.time() - t_epoch)
@@ -244,8 +245,9 @@ def _run(trainer, train, workdir, config_json, ckpt, spe, total_steps):
         meta = ckpt.restore_meta(latest)
         _record_resume_changes(workdir, latest, meta["config"], config_json)
         if meta["steps_per_epoch"] != spe:
-            raise ConfigError(f"the checkpoint has {meta['steps_per_epoch']} steps per epoch, "
-                              f"the data now gives {spe}: the dataset changed")
+            raise ConfigError(f"checkpoint step {latest} in {ckpt.directory} has "
+                              f"{meta['steps_per_epoch']} steps per epoch, the data now gives "
+                              f"{spe}: the dataset changed (train in a new work directory)")
         state, meta = ckpt.restore(latest, trainer.abstract_state)
         epoch0, schedule = meta["epoch"], meta["schedule"]
         logging.info("resumed from %s: step %d, epoch %d", ckpt.directory, latest, epoch0)
@@ -274,15 +276,14 @@ def _run(trainer, train, workdir, config_json, ckpt, spe, total_steps):
                 # flight so the host prepares the next batch while the devices compute.
                 if i > 0:
                     per_step[-2] = _advance(bar, per_step[-2], i, epoch, t_epoch,
-                                            train.batch_size, train.log_every_steps,
-                                            ckpt.latest_step())
+                                            train.batch_size, train.log_every_steps, ckpt)
             per_step[-1] = _advance(bar, per_step[-1], spe, epoch, t_epoch, train.batch_size,
-                                    train.log_every_steps, ckpt.latest_step())
+                                    train.log_every_steps, ckpt)
             train_metrics = _mean_metrics(per_step)
             epoch_s = time.time() - t_epoch
             val = trainer.validate(state)
             if not np.isfinite(val["loss"]):
-                _check_finite({"loss": val["loss"]}, bar.n, ckpt.latest_step())
+                _check_finite({"loss": val["loss"]}, bar.n, ckpt)
             state, schedule = trainer.end_of_epoch(state, schedule, val)
             step = int(jax.device_get(state.step))
             record = {"epoch": epoch + 1, "train/loss": train_metrics["loss"],
