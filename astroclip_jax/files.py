@@ -50,8 +50,8 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str, kind: "OutputKind | None" = None, what: str = "output directory",
-                     workdir: str | None = None) -> Iterator[str]:
+def atomic_directory(path: str, kind: "OutputKind | None" = None,
+                     what: str = "output directory") -> Iterator[str]:
     """Yields a fresh, empty temporary directory next to `path` for the block to fill.
 
     On a clean exit it takes the place of `path` (see `replace_directory`); on an error it is
@@ -60,7 +60,7 @@ def atomic_directory(path: str, kind: "OutputKind | None" = None, what: str = "o
     kind is ever replaced) before the block runs and again just before the swap, since the
     block may run for long; what a killed earlier write left of `path` is cleared first.
     """
-    path = check_output_location(path, kind, what, workdir)
+    path = check_output_location(path, kind, what)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     remove_leftovers(parent, (os.path.basename(path),))
@@ -68,7 +68,7 @@ def atomic_directory(path: str, kind: "OutputKind | None" = None, what: str = "o
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-        check_output_location(path, kind, what, workdir)
+        check_output_location(path, kind, what)
         replace_directory(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only after a failure: a moved tmp is gone

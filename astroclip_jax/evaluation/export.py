@@ -124,10 +124,11 @@ def run(config, workdir: str) -> str:
     settings = settings_lib.resolve(config)
     workdir = os.path.abspath(workdir)
     out = os.path.join(workdir, EXPORT_DIR)
+    # First, so that an export set aside by a killed replace is back before it is judged.
+    files.check_output_location(out, KIND, "the export folder")
     if os.path.lexists(out) and not settings.eval.overwrite:
         raise WouldOverwrite(f"{out} exists; set config.eval.overwrite=True "
                              "(--config.eval.overwrite) to replace it")
-    files.check_output_location(out, KIND, "the export folder")
     trained = restore.restore_trained_model(workdir, settings.eval.checkpoint)
     with runner.evaluation_directory(workdir, "export"):  # one at a time; clears a killed one's
         files.remove_leftovers(workdir, (EXPORT_DIR,))

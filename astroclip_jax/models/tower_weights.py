@@ -63,7 +63,8 @@ def save_tower(
     """Writes a tower directory atomically and returns its path. With `overwrite` an earlier
     tower of the same `kind` is replaced, and nothing else (`output_kind`); `what` names the
     setting that chose `out_dir` in the one-line refusal."""
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    # First, so that a replace killed half way is undone before `overwrite` is judged.
+    out_dir = files.check_output_location(out_dir, output_kind(kind), what)
     if os.path.lexists(out_dir) and not overwrite:
         raise WouldOverwrite(f"{what}: {out_dir} already exists; pass overwrite=True to "
                              "replace it")
