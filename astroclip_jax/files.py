@@ -108,7 +108,12 @@ def restore_replaced(path: str) -> str | None:
             if _OLD_NAME.fullmatch(os.path.basename(old)) and os.path.isdir(old)]
     if len(olds) != 1:  # none, or several: which one was current is not known; keep them all
         return None
-    os.rename(olds[0], path)
+    try:
+        os.rename(olds[0], path)
+    except OSError:
+        if os.path.lexists(path) or not os.path.lexists(olds[0]):
+            return None  # another process of the same run moved it back first
+        raise
     return olds[0]
 
 
