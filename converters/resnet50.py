@@ -154,6 +154,8 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False, no
     from astroclip_jax import files
     from astroclip_jax.models import tower_weights
 
+    # Before the download: only an earlier tower of this kind is ever replaced.
+    files.check_output_location(output_dir, tower_weights.output_kind(KIND), "OUTPUT_DIR")
     if os.path.exists(output_dir) and not overwrite:
         raise errors.WouldOverwrite(f"{output_dir} already exists; pass --overwrite "
                                     "(overwrite=True) to replace it")
@@ -168,7 +170,7 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False, no
     source = {"file": name, "sha256": files.sha256_file(path), "format": fmt,
               "url": input_path_or_url if common.is_url(input_path_or_url) else None}
     return tower_weights.save_tower(output_dir, KIND, config, tower_weights.unflatten(flat),
-                                    source=source, overwrite=overwrite)
+                                    source=source, overwrite=overwrite, what="OUTPUT_DIR")
 
 
 def main(argv=None) -> None:

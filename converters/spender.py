@@ -201,6 +201,8 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False,
 
     trust_checkpoint: load with torch.load(weights_only=False) (runs what the file names).
     """
+    # Before the download: only an earlier tower of this kind is ever replaced.
+    files.check_output_location(output_dir, tower_weights.output_kind(KIND), "OUTPUT_DIR")
     if os.path.exists(output_dir) and not overwrite:
         raise errors.WouldOverwrite(f"{output_dir} already exists; pass --overwrite "
                                     "(overwrite=True) to replace it")
@@ -253,11 +255,11 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False,
     variables = tower_weights.unflatten(flat)
     if decoder is None:
         return tower_weights.save_tower(output_dir, KIND, config, variables, extras=extras,
-                                        source=source, overwrite=overwrite)
+                                        source=source, overwrite=overwrite, what="OUTPUT_DIR")
     dec_config, dec_flat, dec_extras = decoder
     return autoencoder_model.save_autoencoder(
         output_dir, (config, variables, extras),
-        (dec_config, tower_weights.unflatten(dec_flat), dec_extras), source)
+        (dec_config, tower_weights.unflatten(dec_flat), dec_extras), source, "OUTPUT_DIR")
 
 
 def main(argv=None) -> None:

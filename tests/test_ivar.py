@@ -18,7 +18,7 @@ import torch
 
 from astroclip_jax import wavelength_grids
 from astroclip_jax.data import builders, pipeline, prepare, spender_inputs, synthetic
-from astroclip_jax.training.spender_pretrain import SpectraRecords
+from astroclip_jax.data.pretraining_records import SpectraRecords
 from test_data_formats import SMOKE, _config, _standin, write_astroclip
 
 N, SIZE = 200, 16  # galaxies, image pixels (the images play no part here)

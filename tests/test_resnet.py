@@ -260,13 +260,21 @@ def test_untrusted_pickle_refused_unless_trusted(tmp_path, narrow_model):
 
 def test_existing_output_needs_overwrite(tmp_path, narrow_ckpt, capsys):
     out = tmp_path / "tower"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
+    conv_resnet.main([str(narrow_ckpt), str(out)])
     with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
         conv_resnet.main([str(narrow_ckpt), str(out)])
-    assert (out / "keep.txt").read_text() == "precious"
-    conv_resnet.main([str(narrow_ckpt), str(out), "--overwrite"])
+    conv_resnet.main([str(narrow_ckpt), str(out), "--overwrite"])  # an earlier resnet tower
     assert sorted(os.listdir(out)) == ["tower.json", "variables.npz"]
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_folder_that_is_not_a_tower_is_never_replaced(tmp_path, narrow_ckpt, overwrite):
+    out = tmp_path / "weights"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(SystemExit, match=r"^error: OUTPUT_DIR: .*has no tower\.json"):
+        conv_resnet.main([str(narrow_ckpt), str(out), *overwrite])
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
 
 
 # ---------------------------------------------------------------- frozen BatchNorm

@@ -38,6 +38,10 @@ from astroclip_jax.models import tower_weights, towers
 EXPORT_DIR = "export"
 FORMAT_VERSION = 1
 TOWERS = ("image_tower", "spectrum_tower")
+# An export as an output: only an earlier export (export.json, nothing it does not write) is
+# ever replaced by a new one.
+KIND = files.OutputKind("export", restore.EXPORT_FILE, entries=frozenset(
+    {restore.EXPORT_FILE, restore.CHECKSUMS_FILE, "heads.npz", "initial_heads.npz", *TOWERS}))
 
 
 def _tower_config_and_extras(trained: restore.TrainedModel, name: str):
@@ -65,18 +69,34 @@ def portable_config(config: ml_collections.ConfigDict) -> dict:
         out["data"][field] = None
     if "feature_cache" in out:
         out["feature_cache"]["dir"] = None
+    out = _without_machine_paths(out)
+    if "survey_file" in out.get("eval", {}) and out["eval"]["survey_file"] is None:
+        out["eval"]["survey_file"] = ""  # its "none" (a str field)
     return out
+
+
+def _without_machine_paths(tree):
+    """`tree` with every absolute or home-relative path (of any other field: a survey file,
+    a pretrainer's folders) replaced by None: it would name a place on this machine only."""
+    if isinstance(tree, dict):
+        return {k: _without_machine_paths(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_without_machine_paths(v) for v in tree]
+    if isinstance(tree, str) and (os.path.isabs(tree) or tree.startswith("~")):
+        return None
+    return tree
 
 
 def write_export(trained: restore.TrainedModel, out: str, source: dict | None = None) -> str:
     """Write the export folder of `trained` to `out` (replacing it atomically); its path."""
-    with files.atomic_directory(out) as tmp:
+    with files.atomic_directory(out, KIND, "the export folder") as tmp:
         for name in TOWERS:
             config, extras = _tower_config_and_extras(trained, name)
             kind = getattr(trained.settings.model, name).kind
             tower_weights.save_tower(os.path.join(tmp, name), kind, config,
                                      _numpy(trained.params[name]), extras=extras,
-                                     source={"exported_from": trained.checkpoint_dir})
+                                     source={"exported_from": "checkpoint",
+                                             "step": trained.step})
         heads = {k: v for k, v in trained.params.items() if k not in TOWERS}
         initial = {k: trained.initial_params[k] for k in ("image_head", "spectrum_head")}
         for filename, tree in (("heads.npz", heads), ("initial_heads.npz", initial)):
@@ -103,15 +123,21 @@ def _numpy(tree):
 
 def run(settings: settings_lib.RunSettings, workdir: str) -> str:
     """``--mode=export``: `workdir/export/` from the `eval.checkpoint` checkpoint."""
-    out = os.path.join(os.path.abspath(workdir), EXPORT_DIR)
-    if os.path.exists(out) and not settings.eval.overwrite:
+    workdir = os.path.abspath(workdir)
+    out = os.path.join(workdir, EXPORT_DIR)
+    # First, so that an export set aside by a killed replace is back before it is judged.
+    files.check_output_location(out, KIND, "the export folder")
+    if os.path.lexists(out) and not settings.eval.overwrite:
         raise WouldOverwrite(f"{out} exists; set config.eval.overwrite=True "
                              "(--config.eval.overwrite) to replace it")
     trained = restore.run_model(settings, workdir)
     with runner.evaluation_directory(workdir, "export"):  # one at a time; clears a killed one's
-        files.remove_leftovers(os.path.abspath(workdir), (EXPORT_DIR,))
-        write_export(trained, out, source={"workdir": os.path.abspath(workdir),
-                                           "checkpoint": trained.checkpoint_dir})
+        files.remove_leftovers(workdir, (EXPORT_DIR,))
+        # Where it came from, without this machine's paths: the folder travels.
+        write_export(trained, out, source={
+            "workdir": os.path.basename(workdir),
+            "checkpoint": (trained.checkpoint_dir if trained.checkpoint_dir == restore.INITIAL
+                           else os.path.relpath(trained.checkpoint_dir, workdir))})
     size = sum(os.path.getsize(os.path.join(out, f)) for f in files.files_under(out))
     print(f"export: wrote {out} (checkpoint step {trained.step}, {size / 2**20:.1f} MiB); "
           f"open it with astroclip_jax.evaluation.restore.load_embedder({out!r})")

@@ -243,17 +243,18 @@ def restframe_grid(wave_obs: np.ndarray, z_max: float, bins: int | None = None) 
 
 # ------------------------------------------------------------------------ tower directories
 
-DECODER_DIR = "decoder"  # sub-directory of a spender tower directory holding the decoder
+DECODER_DIR = tower_weights.DECODER_DIR  # sub-directory of a spender tower holding the decoder
 DECODER_KIND = "spender_decoder"
 
 
 def save_autoencoder(out_dir: str, encoder: tuple[dict[str, Any], Params, dict[str, np.ndarray]],
                      decoder: tuple[dict[str, Any], Params, dict[str, np.ndarray]],
-                     source: dict[str, Any]) -> str:
+                     source: dict[str, Any], what: str = "output directory") -> str:
     """A spender tower directory with its decoder: the encoder (kind "spender"; extras such as
     wave_obs) and `decoder/` (extras wave_rest, and lsf where the instrument has one), each
-    given as (config, variables, extras), in one atomic directory: a failure leaves neither."""
-    with files.atomic_directory(out_dir) as tmp:
+    given as (config, variables, extras), in one atomic directory: a failure leaves neither.
+    Only an earlier spender tower is replaced (`what`: the setting named if refused)."""
+    with files.atomic_directory(out_dir, tower_weights.output_kind("spender"), what) as tmp:
         for sub, kind, (config, variables, extras) in (("", "spender", encoder),
                                                         (DECODER_DIR, DECODER_KIND, decoder)):
             tower_weights.save_tower(os.path.join(tmp, sub), kind, config, variables,

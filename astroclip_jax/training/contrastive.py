@@ -15,7 +15,6 @@ the towers (`steps.make_online_train_step`). Both take their galaxies of step t 
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from typing import Any
@@ -87,11 +86,8 @@ def _train(settings: settings_lib.RunSettings, workdir: str) -> Any:
     # --------------------------------------------------------------------------- shard
     loop.banner("shard")
     repl = sharding.replicated(mesh)
-    abstract_state = jax.eval_shape(lambda p, k: optimizer.init_state(tx, p, k), trainable,
-                                    state_rng)
-    state_sharding = jax.tree.map(lambda _: repl, abstract_state)
-    abstract_state = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract_state)
+    abstract_state, state_sharding = loop.replicated_state(mesh, jax.eval_shape(
+        lambda p, k: optimizer.init_state(tx, p, k), trainable, state_rng))
     frozen = sharding.replicate(frozen, mesh)
     frozen_sharding = jax.tree.map(lambda _: repl, frozen)
     batch_sharding = sharding.data_sharded(mesh)
@@ -158,9 +154,6 @@ def _cached_path(settings, workdir, model, tx, frozen, mesh, train_records, rng,
         model, frozen, train_records, views, cache_settings.dir or workdir,
         cache_settings.batch_size, _pixel_std(settings), log=logging.info)
 
-    def global_indices(step: int) -> np.ndarray:
-        return pipeline.step_indices(cache.n, settings.seed, step, train.batch_size)
-
     if cache_settings.on_device:
         arrays = jax.device_put(FeatureCache(image=np.asarray(cache.image),
                                              spectrum=np.asarray(cache.spectrum)),
@@ -171,9 +164,8 @@ def _cached_path(settings, workdir, model, tx, frozen, mesh, train_records, rng,
             return cached(state, frozen, arrays, sharding.shard_batch({"index": index},
                                                                       mesh)["index"])
 
-        def batches(start_step: int):
-            return loop.no_cleanup(global_indices(step)[rows]
-                                   for step in itertools.count(start_step))
+        batches = loop.step_batches(cache.n, settings.seed, train.batch_size,
+                                    lambda indices, step: indices, rows)
     else:
         features = jax.jit(steps.make_features_train_step(model, tx))
         host_rng = np.asarray(jax.device_get(rng))
@@ -181,13 +173,13 @@ def _cached_path(settings, workdir, model, tx, frozen, mesh, train_records, rng,
         def train_step(state, batch):
             return features(state, frozen, sharding.shard_batch(batch, mesh))
 
-        def batches(start_step: int):
-            def gather(step):  # the rows the device path would gather, with the same key
-                key = steps.step_key(host_rng, step, steps.CACHED_VIEW_STREAM)
-                img, spectrum = feature_store.sample_cached_features(key, cache,
-                                                                     global_indices(step))
-                return {"image_features": img[rows], "spectrum_features": spectrum[rows]}
-            return loop.no_cleanup(gather(step) for step in itertools.count(start_step))
+        def gather(indices, step):  # the rows the device path would gather, with the same key
+            key = steps.step_key(host_rng, step, steps.CACHED_VIEW_STREAM)
+            img, spectrum = feature_store.sample_cached_features(key, cache, indices)
+            return {"image_features": img[rows], "spectrum_features": spectrum[rows]}
+
+        batches = loop.step_batches(cache.n, settings.seed, train.batch_size, gather,
+                                    slice(None))  # every row: the key draws per global row
 
     return train_step, batches
 

@@ -37,6 +37,10 @@ from astroclip_jax.training import cached_views
 from astroclip_jax.training.cached_views import ViewSpec
 
 FORMAT_VERSION = 1
+# A cache directory as an output: only an earlier cache (meta.json, the two feature arrays)
+# is ever replaced by a new one.
+CACHE_KIND = files.OutputKind("feature cache", "meta.json",
+                              entries=frozenset({"meta.json", "image.npy", "spectrum.npy"}))
 _FIELDS = ("image", "spectrum")
 
 
@@ -233,7 +237,7 @@ def _load_if_current(path: str, fp: str, mmap: bool) -> FeatureCache | None:
 def _build(model, tower_params, records, views, batch_size, pixel_std, path, fp, log) -> None:
     d_img, d_spec = _feature_shapes(model, tower_params, records)
     n = len(records)
-    with files.atomic_directory(path) as tmp:
+    with files.atomic_directory(path, CACHE_KIND, "the feature cache") as tmp:
         out = {"image": np.lib.format.open_memmap(os.path.join(tmp, "image.npy"), "w+",
                                                   views.dtype, (views.n_image_views, n, *d_img)),
                "spectrum": np.lib.format.open_memmap(os.path.join(tmp, "spectrum.npy"), "w+",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging as std_logging
 import os
@@ -34,8 +35,10 @@ from absl import logging
 
 from astroclip_jax import files, locks, processes
 from astroclip_jax import settings as settings_lib
+from astroclip_jax.data import pipeline
 from astroclip_jax.data import prepare as prepare_lib
 from astroclip_jax.errors import ConfigError, DamagedCheckpoint, TrainingDiverged
+from astroclip_jax.models import tower_weights
 from astroclip_jax.training import checkpoint as checkpoint_lib
 from astroclip_jax.training import metrics as metrics_lib
 from astroclip_jax.training import sharding
@@ -62,8 +65,8 @@ class Trainer:
       initial_schedule: the JSON-able schedule state of a fresh run (default: none).
       end_of_epoch: (state, schedule, validation metrics) -> (state, schedule) (default: both
         unchanged; the contrastive trainer's ReduceLROnPlateau is the one that uses it).
-      plot_curves: (metrics.jsonl path, PNG path) -> None, the end-of-run figure; None draws
-        the contrastive one (InfoNCE with its chance level and the paper's curves).
+      curves: the end-of-run figure's panels (`metrics.Curves`); None draws the contrastive
+        one (InfoNCE with its chance level and the paper's curves).
     """
 
     abstract_state: Any
@@ -75,7 +78,7 @@ class Trainer:
     initial_schedule: dict[str, Any] = dataclasses.field(default_factory=dict)
     end_of_epoch: Callable[[Any, dict[str, Any], dict[str, float]],
                            tuple[Any, dict[str, Any]]] = _schedule_unchanged
-    plot_curves: Callable[[str, str], Any] | None = None
+    curves: metrics_lib.Curves | None = None
     extra_metrics: tuple[str, ...] = ()  # step metrics also recorded per epoch as train/<name>
     chance_loss: float | None = None  # the loss of a blind guess, shown in the epoch log line
 
@@ -174,11 +177,12 @@ def _record_resume_changes(workdir: str, step: int, saved: dict[str, Any],
             f.write(json.dumps({"step": step, "field": name, "from": was, "to": now}) + "\n")
 
 
-def _check_finite(metrics: Metrics, step: int, last_good: int | None) -> None:
+def _check_finite(metrics: Metrics, step: int, ckpt: checkpoint_lib.Checkpointer) -> None:
     bad = [k for k in ("loss", "grad_norm") if k in metrics and not np.isfinite(metrics[k])]
     if bad:
-        where = (f"the last good checkpoint is step {last_good}" if last_good is not None
-                 else "no checkpoint was written")
+        last_good = ckpt.latest_step()
+        where = (f"the last good checkpoint is step {last_good} in {ckpt.directory}"
+                 if last_good is not None else f"no checkpoint was written in {ckpt.directory}")
         raise TrainingDiverged(
             f"step {step}: {' and '.join(bad)} became {float(metrics[bad[0]])}; training stopped "
             f"and nothing after the last epoch was saved ({where}); lower the learning rate or "
@@ -201,11 +205,11 @@ def _mean_metrics(per_step: list[Metrics]) -> dict[str, float]:
 
 
 def _advance(bar, metrics, done: int, epoch: int, t_epoch: float, batch_size: int,
-             log_every: int, last_good: int | None) -> None:
+             log_every: int, ckpt: checkpoint_lib.Checkpointer) -> None:
     """Wait for a step's metrics, stop on a non-finite loss or gradient, then tick the bar
     (and show loss and pairs/s now and then); the metrics, on the host."""
     metrics = jax.device_get(metrics)
-    _check_finite(metrics, bar.n + 1, last_good)
+    _check_finite(metrics, bar.n + 1, ckpt)
     bar.update(1)
     if done % log_every == 0 or done == 1:
         pairs_per_s = done * batch_size / (time.time() - t_epoch)
@@ -241,8 +245,9 @@ def _run(trainer, train, workdir, config_json, ckpt, spe, total_steps):
         meta = ckpt.restore_meta(latest)
         _record_resume_changes(workdir, latest, meta["config"], config_json)
         if meta["steps_per_epoch"] != spe:
-            raise ConfigError(f"the checkpoint has {meta['steps_per_epoch']} steps per epoch, "
-                              f"the data now gives {spe}: the dataset changed")
+            raise ConfigError(f"checkpoint step {latest} in {ckpt.directory} has "
+                              f"{meta['steps_per_epoch']} steps per epoch, the data now gives "
+                              f"{spe}: the dataset changed (train in a new work directory)")
         state, meta = ckpt.restore(latest, trainer.abstract_state)
         epoch0, schedule = meta["epoch"], meta["schedule"]
         logging.info("resumed from %s: step %d, epoch %d", ckpt.directory, latest, epoch0)
@@ -271,15 +276,14 @@ def _run(trainer, train, workdir, config_json, ckpt, spe, total_steps):
                 # flight so the host prepares the next batch while the devices compute.
                 if i > 0:
                     per_step[-2] = _advance(bar, per_step[-2], i, epoch, t_epoch,
-                                            train.batch_size, train.log_every_steps,
-                                            ckpt.latest_step())
+                                            train.batch_size, train.log_every_steps, ckpt)
             per_step[-1] = _advance(bar, per_step[-1], spe, epoch, t_epoch, train.batch_size,
-                                    train.log_every_steps, ckpt.latest_step())
+                                    train.log_every_steps, ckpt)
             train_metrics = _mean_metrics(per_step)
             epoch_s = time.time() - t_epoch
             val = trainer.validate(state)
             if not np.isfinite(val["loss"]):
-                _check_finite({"loss": val["loss"]}, bar.n, ckpt.latest_step())
+                _check_finite({"loss": val["loss"]}, bar.n, ckpt)
             state, schedule = trainer.end_of_epoch(state, schedule, val)
             step = int(jax.device_get(state.step))
             record = {"epoch": epoch + 1, "train/loss": train_metrics["loss"],
@@ -310,8 +314,8 @@ def _run(trainer, train, workdir, config_json, ckpt, spe, total_steps):
         writer.close()
         out = os.path.join(workdir, "training_curves.png")
         metrics_path = os.path.join(workdir, metrics_lib.METRICS_FILE)
-        if trainer.plot_curves is not None:
-            trainer.plot_curves(metrics_path, out)
+        if trainer.curves is not None:
+            metrics_lib.plot_curves(metrics_path, out, trainer.curves)
         else:
             metrics_lib.plot_training_curves(metrics_path, out, batch_size=train.batch_size)
         logging.info("best checkpoint: step %s; figure %s", best, out)
@@ -321,3 +325,66 @@ def _run(trainer, train, workdir, config_json, ckpt, spe, total_steps):
 def no_cleanup(iterator: Iterator[Any]) -> ContextManager[Iterator[Any]]:
     """A batches context for iterators that own nothing to close."""
     return contextlib.nullcontext(iterator)
+
+
+# ------------------------------------------------------------------ what every trainer builds
+
+TOWER_DIR = "tower"  # where a pretrainer writes its tower unless its `tower_dir` says
+
+
+def tower_output(setting: str | None, field: str, kind: str, workdir: str) -> str:
+    """Where a pretrainer writes its tower of `kind`: `setting` (config field `field`), else
+    <workdir>/tower. Checked before any work (`files.check_output_location`): a setting that
+    names the work directory, a folder holding it, or a folder that is not an earlier tower
+    of this kind stops here, in one line, and nothing of it is touched."""
+    workdir = os.path.abspath(workdir)
+    return files.check_output_location(setting or os.path.join(workdir, TOWER_DIR),
+                                       tower_weights.output_kind(kind), f"config field {field}",
+                                       workdir)
+
+
+def replicated_state(mesh: jax.sharding.Mesh, shapes: Any) -> tuple[Any, Any]:
+    """(the restore target, the shardings) of a state replicated on every device, from its
+    shapes (`jax.eval_shape`): the ShapeDtypeStructs carry the replicated sharding."""
+    repl = sharding.replicated(mesh)
+    shardings = jax.tree.map(lambda _: repl, shapes)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                            shapes)
+    return abstract, shardings
+
+
+def step_batches(num_records: int, seed: int, batch_size: int,
+                 read: Callable[[np.ndarray, int], Any], rows: slice | None = None
+                 ) -> Callable[[int], ContextManager[Iterator[Any]]]:
+    """A `Trainer.batches`: from a start step on, step t's input is `read(indices, t)` of
+    this process's `rows` (default: its share, `pipeline.process_rows`) of the records
+    `pipeline.step_indices` draws for t. So the input of a step depends on its number only,
+    and a resumed run reads what the uninterrupted one read."""
+    if rows is None:
+        rows = pipeline.process_rows(batch_size, jax.process_index(), jax.process_count())
+
+    def batches(start: int) -> ContextManager[Iterator[Any]]:
+        return no_cleanup(read(pipeline.step_indices(num_records, seed, t, batch_size)[rows], t)
+                          for t in itertools.count(start))
+
+    return batches
+
+
+def fixed_batches(num_records: int, size: int, read: Callable[[np.ndarray], dict[str, Any]],
+                  mesh: jax.sharding.Mesh | None = None, pad: bool = True) -> list[dict[str, Any]]:
+    """Validation inputs, read once (they never change): `read` of consecutive blocks of
+    `size` records; with a `mesh` this process's rows of each, sharded, else whole batches
+    on the host (a one-device trainer). With `pad` the last block is completed by repeating
+    the last record and each batch carries "mask" (1 for a real row); without, only whole
+    blocks (possibly none: the caller says why that cannot work)."""
+    rows = (slice(None) if mesh is None
+            else pipeline.process_rows(size, jax.process_index(), jax.process_count()))
+    last = num_records if pad else num_records - size + 1
+    out = []
+    for start in range(0, max(last, 0), size):
+        idx = np.arange(start, start + size)
+        batch = dict(read(np.minimum(idx, num_records - 1)[rows]))
+        if pad:
+            batch["mask"] = (idx < num_records)[rows].astype(np.float32)
+        out.append(batch if mesh is None else sharding.shard_batch(batch, mesh))
+    return out

@@ -6,6 +6,7 @@ go through tensorboardX (no TensorFlow) when it is installed; otherwise they are
 """
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -185,9 +186,61 @@ def plot_training_curves(metrics_path, out_png, reference=True, batch_size=None,
     ax_lr.set_xlabel("epoch")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
+    return save_figure(fig, out_png)
 
-    out_dir = os.path.dirname(os.path.abspath(out_png))
-    os.makedirs(out_dir, exist_ok=True)
+
+def save_figure(fig, out_png):
+    """Write a matplotlib Figure as a PNG atomically (a reader never sees half of one)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     with files.atomic_path(out_png, suffix=".png") as tmp, open(tmp, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
     return out_png
+
+
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    """One axes of a training-curve figure: metrics of the records against the epoch."""
+
+    ylabel: str
+    series: tuple  # (metrics key, legend label) pairs
+    log: bool = False  # logarithmic y axis
+    chance: tuple | None = None  # (y, label): a dashed line, e.g. a blind guess's loss
+    height: int = 1  # relative height
+    line: str = "o-"  # matplotlib format of the series
+
+
+@dataclasses.dataclass(frozen=True)
+class Curves:
+    """A trainer's end-of-run figure: its panels top to bottom, sharing the epoch axis."""
+
+    panels: tuple
+    title: str | None = None
+    figsize: tuple = (7, 7)
+
+
+def plot_curves(metrics_path, out_png, curves):
+    """Draw `curves` (a `Curves`) from a metrics.jsonl file to `out_png` (atomically)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = read_metrics(metrics_path)
+    fig = Figure(figsize=curves.figsize)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(curves.panels), 1, sharex=True, squeeze=False, gridspec_kw={
+        "height_ratios": [p.height for p in curves.panels]})[:, 0]
+    for ax, panel in zip(axes, curves.panels):
+        for key, label in panel.series:
+            ax.plot(*_series(records, key), panel.line, ms=3, label=label)
+        if panel.chance is not None:
+            ax.axhline(panel.chance[0], color="grey", ls="--", label=panel.chance[1])
+        if panel.log:
+            ax.set_yscale("log")
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(alpha=0.3)
+        if len(panel.series) > 1 or panel.chance is not None:
+            ax.legend(fontsize=8)
+    if curves.title:
+        axes[0].set_title(curves.title)
+    axes[-1].set_xlabel("epoch")
+    fig.tight_layout()
+    return save_figure(fig, out_png)

@@ -27,7 +27,6 @@ groups of each group's torch-style update (MoCo keeps rank 0's; all ranks see al
 
 from __future__ import annotations
 
-import itertools
 import os
 from typing import Any
 
@@ -38,9 +37,8 @@ import optax
 from absl import logging
 from flax import struct
 
-from astroclip_jax import files
 from astroclip_jax import settings as settings_lib
-from astroclip_jax.data import pipeline, preprocess
+from astroclip_jax.data import pipeline, pretraining_records
 from astroclip_jax.errors import ConfigError
 from astroclip_jax.models import astroclip, resnet, tower_weights
 from astroclip_jax.training import loop, moco_augment, moco_losses, sharding
@@ -120,42 +118,23 @@ def make_train_step(model, p: settings_lib.MocoSettings, tx, schedule,
     return step
 
 
-class ImageRecords:
-    """Flux cutouts of one split, centre-cropped to `input_crop` (0: whole) on the host."""
-
-    def __init__(self, data: settings_lib.DataSettings, split: str, input_crop: int):
-        self._source = pipeline.data_source(data, split)
-        self._crop = input_crop
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def batch(self, indices) -> np.ndarray:
-        images = pipeline.read_records(self._source, indices, ("image",))["image"]
-        images = np.asarray(images, np.float32)
-        if self._crop:
-            try:
-                images = preprocess.center_crop(images, self._crop)
-            except ValueError as e:
-                raise ConfigError(f"config field moco.input_crop={self._crop}: {e}") from None
-        return np.ascontiguousarray(images)
-
-
 def run(settings: settings_lib.RunSettings, workdir: str) -> Any:
     """Pretrain (or resume) in `workdir`; writes the tower directory; the final state."""
     p, config_json = settings.moco, settings.config
+    tower_dir = loop.tower_output(p.tower_dir, "moco.tower_dir", "resnet", workdir)
     with loop.work_directory(os.path.abspath(workdir), settings, "MoCo pretraining") as workdir:
         loop.check_resume(workdir, config_json)
         train, mesh = settings.train, loop.make_mesh(settings)
-        return _train(config_json, settings, p, workdir, train, mesh)
+        return _train(config_json, settings, p, workdir, train, mesh, tower_dir)
 
 
-def _train(config_json, settings, p, workdir, train, mesh):
+def _train(config_json, settings, p, workdir, train, mesh, tower_dir):
     if p.bn_groups % jax.device_count():
         raise ConfigError(f"config field moco.bn_groups is {p.bn_groups}; expected a multiple "
                           f"of the {jax.device_count()} devices (one group on one device)")
     loop.prepare_data(settings.data)
-    records = ImageRecords(settings.data, train.train_split, p.input_crop)
+    records = pretraining_records.ImageRecords(settings.data, train.train_split, p.input_crop,
+                                               "moco.input_crop")
     loop.check_batch_fits(train, len(records))
     spe = pipeline.steps_per_epoch(len(records), train.batch_size)
     aug = moco_augment.MocoAugment(size=p.crop, jitter=p.jitter)
@@ -178,20 +157,12 @@ def _train(config_json, settings, p, workdir, train, mesh):
                          key_params=params, key_batch_stats=stats, queue=queue,
                          queue_ptr=jnp.zeros((), jnp.int32))
 
-    repl = sharding.replicated(mesh)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
-                            jax.eval_shape(fresh))
-    state_sharding = jax.tree.map(lambda _: repl, abstract)
+    abstract, state_sharding = loop.replicated_state(mesh, jax.eval_shape(fresh))
     step = jax.jit(make_train_step(model, p, tx, schedule, aug), donate_argnums=0,
                    in_shardings=(state_sharding, sharding.data_sharded(mesh)),
-                   out_shardings=(state_sharding, repl))
-    rows = pipeline.process_rows(train.batch_size, jax.process_index(), jax.process_count())
-
-    def batches(start: int):
-        def one(t):
-            indices = pipeline.step_indices(len(records), settings.seed, t, train.batch_size)
-            return records.batch(indices[rows])
-        return loop.no_cleanup(one(t) for t in itertools.count(start))
+                   out_shardings=(state_sharding, sharding.replicated(mesh)))
+    batches = loop.step_batches(len(records), settings.seed, train.batch_size,
+                                lambda indices, t: records.batch(indices))
 
     validate = _validation(settings, p, model, aug, mesh)
     trainer = loop.Trainer(
@@ -200,19 +171,19 @@ def _train(config_json, settings, p, workdir, train, mesh):
         train_step=lambda state, images: step(state, sharding.shard_batch(
             {"image": images}, mesh)["image"]),
         validate=validate,
-        plot_curves=lambda path, png: plot_curves(path, png, p.queue_size),
+        curves=curves(p.queue_size),
         chance_loss=float(np.log(1 + p.queue_size)))
     state = loop.run(trainer, train, workdir, config_json)
     if loop.is_main_process():
-        out = p.tower_dir or os.path.join(workdir, "tower")
         host = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
         tower_weights.save_tower(
-            out, "resnet", {k: list(v) if isinstance(v, tuple) else v
-                            for k, v in config_dict.items()},
+            tower_dir, "resnet", {k: list(v) if isinstance(v, tuple) else v
+                                  for k, v in config_dict.items()},
             jax.tree.map(np.asarray, host),
             source={"trained_by": "pretrain_moco", "workdir": workdir,
-                    "step": int(jax.device_get(state.step))}, overwrite=True)
-        logging.info("wrote the MoCo-trained image tower to %s", out)
+                    "step": int(jax.device_get(state.step))}, overwrite=True,
+            what="config field moco.tower_dir")
+        logging.info("wrote the MoCo-trained image tower to %s", tower_dir)
     return state
 
 
@@ -220,12 +191,11 @@ def _validation(settings, p, model, aug, mesh):
     """state -> MoCo loss and accuracy on the validation split's full batches: both encoders
     with their running statistics, two views drawn from a fixed key, the state's queue."""
     train = settings.train
-    records = ImageRecords(settings.data, train.val_split, p.input_crop)
+    records = pretraining_records.ImageRecords(settings.data, train.val_split, p.input_crop,
+                                               "moco.input_crop")
     size = train.val_batch_size
-    rows = pipeline.process_rows(size, jax.process_index(), jax.process_count())
-    cached = [sharding.shard_batch({"image": records.batch(np.arange(a, a + size)[rows])},
-                                   mesh)["image"]
-              for a in range(0, len(records) - size + 1, size)]  # the inputs are fixed: read once
+    cached = [b["image"] for b in loop.fixed_batches(
+        len(records), size, lambda indices: {"image": records.batch(indices)}, mesh, pad=False)]
     if not cached:
         raise ConfigError(f"config field train.val_batch_size is {size} but split "
                           f"{train.val_split!r} has only {len(records)} examples")
@@ -248,33 +218,16 @@ def _validation(settings, p, model, aug, mesh):
     return validate
 
 
-def plot_curves(metrics_path: str, out_png: str, queue_size: int) -> str:
+def curves(queue_size: int) -> metrics_lib.Curves:
     """Per-epoch MoCo loss (train, validation; chance log(1 + K)), top-1 accuracy of the
     positive among 1 + K, and the learning rate."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    records = metrics_lib.read_metrics(metrics_path)
-    epochs = [r["epoch"] for r in records]
-    fig = Figure(figsize=(7, 7))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1, 1]})
-    for ax, name, unit in zip(axes[:2], ("loss", "accuracy"), ("InfoNCE", "top-1")):
-        for split in ("train", "val"):
-            ax.plot(epochs, [r[f"{split}/{name}"] for r in records], "o-", ms=3,
-                    label={"train": "train (augmented, batch statistics)",
-                           "val": "validation (running statistics)"}[split])
-        ax.set_ylabel(f"MoCo {name} ({unit})")
-        ax.grid(alpha=0.3)
-    axes[0].axhline(np.log(1 + queue_size), color="grey", ls="--",
-                    label=f"chance: log(1 + {queue_size})")
-    axes[0].legend(fontsize=8)
-    axes[0].set_title("MoCo v2 pretraining of the image tower")
-    axes[2].plot(epochs, [r["train/lr"] for r in records], "-", color="C2")
-    axes[2].set_ylabel("learning rate (cosine)")
-    axes[2].set_xlabel("epoch")
-    axes[2].grid(alpha=0.3)
-    fig.tight_layout()
-    with files.atomic_path(out_png, suffix=".png") as tmp, open(tmp, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    return out_png
+    labels = {"train": "train (augmented, batch statistics)",
+              "val": "validation (running statistics)"}
+    return metrics_lib.Curves(title="MoCo v2 pretraining of the image tower", panels=(
+        metrics_lib.Panel("MoCo loss (InfoNCE)", tuple((f"{split}/loss", label)
+                                                       for split, label in labels.items()),
+                          chance=(np.log(1 + queue_size), f"chance: log(1 + {queue_size})"),
+                          height=2),
+        metrics_lib.Panel("MoCo accuracy (top-1)", tuple((f"{split}/accuracy", label)
+                                                         for split, label in labels.items())),
+        metrics_lib.Panel("learning rate (cosine)", (("train/lr", None),), line="-")))

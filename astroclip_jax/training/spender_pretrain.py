@@ -20,7 +20,6 @@ so a resumed run ends bitwise identical to one never interrupted.
 
 from __future__ import annotations
 
-import itertools
 import os
 from typing import Any
 
@@ -30,9 +29,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from astroclip_jax import files, wavelength_grids
+from astroclip_jax import wavelength_grids
 from astroclip_jax import settings as settings_lib
-from astroclip_jax.data import pipeline, spender_inputs
+from astroclip_jax.data import pipeline, pretraining_records
 from astroclip_jax.errors import ConfigError
 from astroclip_jax.models import spender as spender_model
 from astroclip_jax.models import spender_autoencoder as ae
@@ -113,42 +112,20 @@ def make_train_step(model, p, tx):
     return step
 
 
-class SpectraRecords:
-    """Spender's inputs of one split: `batch(indices)` -> spectrum, weights, z (host arrays).
-
-    The weights come from the records' `ivar` where the dataset stores one, else from the
-    DESI per-pixel std (`spender_inputs.weights`)."""
-
-    def __init__(self, data: settings_lib.DataSettings, split: str):
-        self._source = pipeline.data_source(data, split)
-        self._grid, self._wave = data.grid, wavelength_grids.wave(data.grid)
-        self.has_ivar = "ivar" in self._source.dataset_info.features.keys()
-        self._fields = ("spectrum", "redshift", *(("ivar",) if self.has_ivar else ()))
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def batch(self, indices) -> dict[str, np.ndarray]:
-        raw = pipeline.read_records(self._source, indices, self._fields)
-        z = raw["redshift"].astype(np.float32)
-        w = spender_inputs.weights(raw.get("ivar"), self._grid)
-        y, w, _ = spender_inputs.normalise(raw["spectrum"], w, z, self._wave)
-        return {"spectrum": y, "weights": w, "z": z}
-
-
 def run(settings: settings_lib.RunSettings, workdir: str) -> Any:
     """Pretrain (or resume) in `workdir`; writes the tower directory; the final state."""
     p = settings.spender_pretrain
+    tower_dir = loop.tower_output(p.tower_dir, "spender_pretrain.tower_dir", "spender", workdir)
     with loop.work_directory(os.path.abspath(workdir), settings, "spender pretraining") as workdir:
         loop.check_resume(workdir, settings.config)
-        return _train(settings, p, workdir)
+        return _train(settings, p, workdir, tower_dir)
 
 
-def _train(settings, p, workdir):
+def _train(settings, p, workdir, tower_dir):
     train = settings.train
     mesh = loop.make_mesh(settings)
     loop.prepare_data(settings.data)
-    records = SpectraRecords(settings.data, train.train_split)
+    records = pretraining_records.SpectraRecords(settings.data, train.train_split)
     loop.check_batch_fits(train, len(records))
     spe = pipeline.steps_per_epoch(len(records), train.batch_size)
 
@@ -158,43 +135,38 @@ def _train(settings, p, workdir):
     tx = make_optimizer(train, p.clip_norm, spe, p.schedule_per)
     state_rng = jax.random.fold_in(seed_key, 1)
 
-    repl = sharding.replicated(mesh)
-    abstract = jax.eval_shape(lambda q, k: optimizer.init_state(tx, q, k), params, state_rng)
-    state_sharding = jax.tree.map(lambda _: repl, abstract)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
-                            abstract)
+    abstract, state_sharding = loop.replicated_state(mesh, jax.eval_shape(
+        lambda q, k: optimizer.init_state(tx, q, k), params, state_rng))
     init_state = jax.jit(lambda q, k: optimizer.init_state(tx, q, k), out_shardings=state_sharding)
     params = sharding.replicate(params, mesh)
     step = jax.jit(make_train_step(model, p, tx), donate_argnums=0,
-                   in_shardings=(state_sharding, None), out_shardings=(state_sharding, repl))
-    rows = pipeline.process_rows(train.batch_size, jax.process_index(), jax.process_count())
+                   in_shardings=(state_sharding, None),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)))
 
     def train_step(state, batch):
         slope = batch.pop("slope")
         sharded = sharding.shard_batch(batch, mesh, _KEYS)
         return step(state, {**sharded, "slope": jnp.float32(slope)})
 
-    def batches(start: int):
-        def one(t):
-            indices = pipeline.step_indices(len(records), settings.seed, t, train.batch_size)
-            out = records.batch(indices[rows])
-            out["slope"] = spender_losses.similarity_slope(t // spe, train.epochs)
-            return out
-        return loop.no_cleanup(one(t) for t in itertools.count(start))
+    def read(indices, t):
+        out = records.batch(indices)
+        out["slope"] = spender_losses.similarity_slope(t // spe, train.epochs)
+        return out
 
     validate = _validation(settings, model, mesh)
     trainer = loop.Trainer(
         abstract_state=abstract, init_state=lambda: init_state(params, state_rng),
-        steps_per_epoch=spe, batches=batches, train_step=train_step,
+        steps_per_epoch=spe, train_step=train_step,
+        batches=loop.step_batches(len(records), settings.seed, train.batch_size, read),
         validate=lambda state: validate(state.params),
-        plot_curves=plot_curves, extra_metrics=_parts(p))
+        curves=curves(_parts(p)), extra_metrics=_parts(p))
     state = loop.run(trainer, train, workdir, settings.config)
     if loop.is_main_process():
-        out = p.tower_dir or os.path.join(workdir, "tower")
-        write_tower(out, model, jax.device_get(state.params),
+        write_tower(tower_dir, model, jax.device_get(state.params),
                     {"trained_by": "pretrain_spender", "workdir": workdir,
-                     "step": int(jax.device_get(state.step))})
-        logging.info("wrote the trained Spender tower to %s", out)
+                     "step": int(jax.device_get(state.step))},
+                    what="config field spender_pretrain.tower_dir")
+        logging.info("wrote the trained Spender tower to %s", tower_dir)
     return state
 
 
@@ -203,53 +175,26 @@ def _parts(p: settings_lib.SpenderPretrainSettings) -> tuple[str, ...]:
             *(("consistency",) if p.consistency else ()))
 
 
-def plot_curves(metrics_path: str, out_png: str) -> str:
+def curves(parts: tuple[str, ...]) -> metrics_lib.Curves:
     """Per-epoch losses per spectrum (train total and parts, validation fidelity; log) and
     the learning rate."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    records = metrics_lib.read_metrics(metrics_path)
-    epochs = np.array([r["epoch"] for r in records])
-    fig = Figure(figsize=(7, 6))
-    FigureCanvasAgg(fig)
-    ax, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    keys = ["train/loss", "val/loss"] + sorted(k for k in records[-1] if k.startswith("train/")
-                                               and k not in ("train/loss", "train/lr"))
-    for key in keys:
-        label = {"train/loss": "train: total", "val/loss": "validation: fidelity"}.get(
-            key, "train: " + key.split("/", 1)[1])
-        ax.plot(epochs, [r[key] for r in records], "o-", ms=3, label=label)
-    ax.set_yscale("log")
-    ax.set_ylabel("loss per spectrum")
-    ax.set_title("Spender autoencoder pretraining")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax_lr.plot(epochs, [r["train/lr"] for r in records], "-", color="C2")
-    ax_lr.set_ylabel("learning rate (one-cycle)")
-    ax_lr.set_xlabel("epoch")
-    ax_lr.grid(alpha=0.3)
-    fig.tight_layout()
-    with files.atomic_path(out_png, suffix=".png") as tmp, open(tmp, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    return out_png
+    return metrics_lib.Curves(title="Spender autoencoder pretraining", figsize=(7, 6), panels=(
+        metrics_lib.Panel("loss per spectrum", (
+            ("train/loss", "train: total"), ("val/loss", "validation: fidelity"),
+            *((f"train/{part}", f"train: {part}") for part in sorted(parts))),
+            log=True, height=2),
+        metrics_lib.Panel("learning rate (one-cycle)", (("train/lr", None),), line="-")))
 
 
 def _validation(settings, model, mesh):
     """params -> {"loss": fidelity per spectrum} over the validation split (fixed batches)."""
     train = settings.train
-    records = SpectraRecords(settings.data, train.val_split)
-    size, n = train.val_batch_size, len(records)
-    rows = pipeline.process_rows(size, jax.process_index(), jax.process_count())
+    records = pretraining_records.SpectraRecords(settings.data, train.val_split)
+    n = len(records)
     per = jax.jit(lambda params, b: jnp.sum(
         model.loss(params, b["spectrum"], b["weights"], b["z"], individual=True) * b["mask"]),
         out_shardings=sharding.replicated(mesh))
-    cached = []  # the inputs are fixed: read once
-    for start in range(0, n, size):
-        idx = np.arange(start, start + size)
-        batch = records.batch(np.minimum(idx, n - 1)[rows])
-        batch["mask"] = (idx < n)[rows].astype(np.float32)
-        cached.append(sharding.shard_batch(batch, mesh, (*_KEYS, "mask")))
+    cached = loop.fixed_batches(n, train.val_batch_size, records.batch, mesh)
 
     def validate(params) -> dict[str, float]:
         total = sum(float(per(params, b)) for b in cached)
@@ -258,7 +203,8 @@ def _validation(settings, model, mesh):
     return validate
 
 
-def write_tower(out_dir: str, model: ae.Autoencoder, params, source: dict[str, Any]) -> str:
+def write_tower(out_dir: str, model: ae.Autoencoder, params, source: dict[str, Any],
+                what: str = "output directory") -> str:
     """Encoder (kind "spender", extra wave_obs) + decoder/ in one atomic directory."""
     host = jax.tree.map(np.asarray, params)
     enc_config = {k: list(v) if isinstance(v, tuple) else v for k, v in
@@ -271,5 +217,5 @@ def write_tower(out_dir: str, model: ae.Autoencoder, params, source: dict[str, A
                   **({} if model.lsf is None else {"lsf": np.asarray(model.lsf)})}
     ae.save_autoencoder(out_dir,
                         (enc_config, host["encoder"], {"wave_obs": np.asarray(model.wave_obs)}),
-                        (dec_config, host["decoder"], dec_extras), source)
+                        (dec_config, host["decoder"], dec_extras), source, what)
     return out_dir

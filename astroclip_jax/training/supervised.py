@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 from typing import Any, Callable
 
@@ -122,23 +121,9 @@ def key_of(modality: str, rows: Rows, probe: settings_lib.ProbeSettings, seed: i
     return digest.hexdigest()[:12]
 
 
-def _plot_mse(metrics_path: str, out_png: str) -> None:
-    """Train and validation MSE per epoch (standardised targets)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    records = metrics.read_metrics(metrics_path)
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for key, label in (("train/loss", "train"), ("val/loss", "validation (from the fit rows)")):
-        ax.plot([r["epoch"] for r in records], [r[key] for r in records], "o-", ms=3, label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("MSE of standardised targets")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+# Train and validation MSE per epoch (standardised targets).
+CURVES = metrics.Curves(figsize=(6, 4), panels=(metrics.Panel("MSE of standardised targets", (
+    ("train/loss", "train"), ("val/loss", "validation (from the fit rows)"))),))
 
 
 def build_trainer(module: nn.Module, rows: Rows, train: settings_lib.TrainSettings, seed: int
@@ -158,26 +143,22 @@ def build_trainer(module: nn.Module, rows: Rows, train: settings_lib.TrainSettin
     loss_fn = jax.jit(lambda p, x, y, w: jnp.sum(
         jnp.square(module.apply({"params": p, **fixed}, x) - y) * w[:, None]))
 
-    def batches(start_step: int):
-        def batch_at(step):
-            idx = pipeline.step_indices(n, seed, step, batch)
-            return {"x": rows.x_train[idx], "y": rows.y_train[idx]}
-        return loop.no_cleanup(batch_at(s) for s in itertools.count(start_step))
+    batches = loop.step_batches(n, seed, batch, lambda idx, t: {"x": rows.x_train[idx],
+                                                               "y": rows.y_train[idx]},
+                                rows=slice(None))
+    # Padded batches, each row weighted by its mask (one compiled shape).
+    val = loop.fixed_batches(len(rows.x_val), batch,
+                             lambda idx: {"x": rows.x_val[idx], "y": rows.y_val[idx]})
 
     def validate(state):
-        # Padded chunks, each weighted by its real rows (one compiled shape).
-        total = 0.0
-        for i in range(0, len(rows.x_val), batch):
-            x, y = rows.x_val[i:i + batch], rows.y_val[i:i + batch]
-            w = np.arange(batch) < len(x)
-            total += float(loss_fn(state.params, pipeline.pad_rows(x, batch), pipeline.pad_rows(y, batch), w))
+        total = sum(float(loss_fn(state.params, b["x"], b["y"], b["mask"])) for b in val)
         loss = total / (len(rows.x_val) * rows.y_val.shape[1])
         return {"loss": loss, "accuracy": 1.0 - loss}
 
     trainer = loop.Trainer(
         abstract_state=abstract, init_state=lambda: init(params, state_rng),
         steps_per_epoch=pipeline.steps_per_epoch(n, batch), batches=batches,
-        train_step=step_fn, validate=validate, plot_curves=_plot_mse)
+        train_step=step_fn, validate=validate, curves=CURVES)
     return trainer, fixed, abstract
 
 
