@@ -113,7 +113,7 @@ def test_tower_dir_refuses_what_is_not_an_earlier_tower(places, tmp_path, traine
     hashed = target not in ("repository", "home", "root")  # too large to hash here
     before = tree_hash(path) if hashed else None
     with pytest.raises(WouldOverwrite) as err:
-        module.run(_config(config_module, field, path), places["workdir"])
+        module.run(settings_lib.resolve(_config(config_module, field, path)), places["workdir"])
     message = str(err.value)
     assert "\n" not in message and f"config field {field}" in message and path in message
     if hashed:
@@ -128,7 +128,7 @@ def test_tower_dir_refuses_a_work_directory_not_made_yet(tmp_path, trainer):
     workdir = str(tmp_path / "new_run")
     for path in (workdir, str(tmp_path)):
         with pytest.raises(WouldOverwrite, match="work directory"):
-            module.run(_config(config_module, field, path), workdir)
+            module.run(settings_lib.resolve(_config(config_module, field, path)), workdir)
         assert not os.path.exists(workdir)
 
 
@@ -277,7 +277,7 @@ def test_export_names_no_path_of_this_machine_and_replaces_only_an_export(smoke_
     config.data.data_dir = cli_runs.DATA_DIR
     config.eval.survey_file = str(tmp_path / "survey.fits")  # absolute paths of this machine
     config.feature_cache.dir = str(tmp_path / "cache")
-    out = export.run(config, workdir)
+    out = export.run(settings_lib.resolve(config), workdir)
     needles = {os.path.abspath(workdir), os.path.realpath(workdir), str(tmp_path),
                os.path.expanduser("~") + os.sep, cli_runs.DATA_DIR, cli_runs.ROOT}
     for folder, _, names in os.walk(out):
@@ -288,7 +288,7 @@ def test_export_names_no_path_of_this_machine_and_replaces_only_an_export(smoke_
                 assert needle.encode() not in data, (name, needle)
     # Another export replaces it (eval.overwrite) ...
     config.eval.overwrite = True
-    assert export.run(config, workdir) == out
+    assert export.run(settings_lib.resolve(config), workdir) == out
     # ... but a folder of the user's named `export` is never replaced.
     shutil.rmtree(out)
     os.makedirs(out)
@@ -296,7 +296,7 @@ def test_export_names_no_path_of_this_machine_and_replaces_only_an_export(smoke_
         f.write("mine")
     before = tree_hash(out)
     with pytest.raises(WouldOverwrite, match="export folder"):
-        export.run(config, workdir)
+        export.run(settings_lib.resolve(config), workdir)
     assert tree_hash(out) == before
 
 
