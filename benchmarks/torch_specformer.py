@@ -19,6 +19,7 @@ SIZES = {
     "specformer": dict(input_dim=22, embed_dim=768, num_layers=6, num_heads=6, max_len=800),
     "small": dict(input_dim=22, embed_dim=256, num_layers=4, num_heads=4, max_len=800),
     "test": dict(input_dim=22, embed_dim=32, num_layers=2, num_heads=2, max_len=800),
+    "mini": dict(input_dim=22, embed_dim=96, num_layers=2, num_heads=4, max_len=800),
 }
 
 
