@@ -253,7 +253,8 @@ class MocoSettings:
     """`--mode=pretrain_moco` (training/moco.py): Stein et al.'s MoCo v2 for the image tower.
     Batch, epochs, learning rate (the cosine's start) and splits come from `train`."""
 
-    size: str  # models.resnet.SIZES
+    kind: str  # the image tower: "resnet" | "dinov2_vit"
+    size: str  # a size of that tower (models.resnet.SIZES, models.vit.SIZES)
     queue_size: int  # negatives (Stein: 65536); a multiple of train.batch_size
     temperature: float  # Stein's released ResNet50: 0.1 (script default 0.2)
     encoder_momentum: float  # key encoder EMA (Stein: 0.996)
@@ -495,14 +496,19 @@ def divisor_of(field: str) -> Rule:
                 f"a positive divisor of {field}")
 
 
-def names_in(module: str, attribute: str, subset: bool = False) -> Rule:
-    """A name (or, with `subset`, names) of a table the named module holds, e.g. a model's
-    `SIZES`. Imported when checked: those modules import these settings, so importing them
-    here at load time would be a circle."""
-    def table():
-        import importlib
+def _module_table(module: str, attribute: str) -> Any:
+    """A table a module holds, imported when a rule checks it: those modules import these
+    settings, so importing them here at load time would be a circle."""
+    import importlib
 
-        return getattr(importlib.import_module(module), attribute)
+    return getattr(importlib.import_module(module), attribute)
+
+
+def names_in(module: str, attribute: str, subset: bool = False) -> Rule:
+    """A name (or, with `subset`, names) of a table the named module holds (`_module_table`),
+    e.g. a model's `SIZES`."""
+    def table():
+        return _module_table(module, attribute)
 
     if subset:
         return Rule(lambda v, _: set(v) <= set(table()), f"names from {module}.{attribute}",
@@ -625,7 +631,10 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "spender_pretrain.similarity_amp": (NON_NEGATIVE,),
     "spender_pretrain.consistency_amp": (NON_NEGATIVE,),
     "spender_pretrain.augment_z_max": (POSITIVE,),
-    "moco.size": (names_in("astroclip_jax.models.resnet", "SIZES"),),
+    "moco.kind": (one_of("resnet", "dinov2_vit"),),
+    "moco.size": (Rule(lambda v, s: v in _module_table(
+        {"resnet": "astroclip_jax.models.resnet", "dinov2_vit": "astroclip_jax.models.vit"}[
+            s.moco.kind], "SIZES"), "one of the sizes of moco.kind's module", imports=True),),
     "moco.queue_size": (multiple_of("train.batch_size"),),
     "moco.temperature": (POSITIVE,),
     "moco.encoder_momentum": (MOMENTUM,),
@@ -648,11 +657,9 @@ RULES: dict[str, tuple[Rule, ...]] = {
 
 
 def _spectrum_tokens(settings: "RunSettings") -> int:
-    """SpecFormer's token count for the run's spectra (imported when checked, as `names_in`)."""
-    import importlib
-
-    specformer = importlib.import_module("astroclip_jax.models.specformer")
-    return specformer.num_tokens(settings.model.spectrum_length)
+    """SpecFormer's token count for the run's spectra."""
+    return _module_table("astroclip_jax.models.specformer", "num_tokens")(
+        settings.model.spectrum_length)
 
 
 def _field(settings: Any, name: str) -> Any:

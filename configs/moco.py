@@ -11,7 +11,11 @@ schedule, batch 256 per GPU with BatchNorm shuffled across GPUs; the augmentatio
 
 Variants: "" (the small tower on the synthetic default training split, sized for a 2-core CPU:
 one epoch, a smaller queue) and "smoke" (test tower, tiny dataset, seconds). Everything else
-(data, splits) is configs/spender.py's.
+(data, splits) is configs/spender.py's. "astroclip" and "astroclip_smoke" pretrain the ViT of
+configs/astroclip.py:synthetic / :smoke the same way (the same MoCo head on its CLS embedding,
+views in that config's RGB), for `model.image_tower.weights` there:
+
+    python main.py --config=configs/moco.py:astroclip --mode=pretrain_moco --workdir=runs/moco_vit
 """
 
 import os
@@ -22,12 +26,18 @@ import ml_collections
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """arg: "" (synthetic default) or "smoke"."""
-    if arg not in ("", "smoke"):
-        raise ValueError(f"unknown config variant {arg!r}; expected '' or 'smoke'")
-    base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spender.py")
-    c = runpy.run_path(base)["get_config"](arg)  # by path: `spender` is also a PyPI package
+    variants = ("", "smoke", "astroclip", "astroclip_smoke")
+    if arg not in variants:
+        raise ValueError(f"unknown config variant {arg!r}; expected one of {variants}")
+    vit = arg.startswith("astroclip")
+    base = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        "astroclip.py" if vit else "spender.py")
+    # by path: `spender` is also a PyPI package
+    c = runpy.run_path(base)["get_config"](
+        {"astroclip": "synthetic", "astroclip_smoke": "smoke"}.get(arg, arg))
     c.moco = p = ml_collections.ConfigDict()
-    p.size = c.model.image_tower.size  # the size the contrastive run aligns
+    p.kind = c.model.image_tower.kind  # the tower the contrastive run aligns, at its size
+    p.size = c.model.image_tower.size
     p.queue_size = 4096  # Stein: 65536 (the synthetic default has 13,107 training images)
     p.temperature = 0.1
     p.encoder_momentum = 0.996
@@ -46,7 +56,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     train.val_batch_size = 128
     train.epochs = 1
     train.log_every_steps = 5
-    if arg == "smoke":
+    if vit:  # the contrastive run's recipe is AdamW's; MoCo keeps its own (SGD, cosine)
+        train.schedule, train.weight_decay, train.warmup_steps, train.clip_norm = (
+            "plateau", 0.0, 0, 0.0)
+    if arg == "astroclip_smoke":
+        p.jitter = 2
+        p.input_crop = 28  # the 24 px views and their jitter
+    if arg in ("smoke", "astroclip_smoke"):
         p.queue_size = 64
         p.bn_groups = 2
         p.input_crop = 48  # room for the rotation and a 4 px jitter around the 32 px view

@@ -37,10 +37,12 @@ def env(devices: int = 1) -> dict[str, str]:
     return out
 
 
-def run(mode: str, workdir: str, *overrides: str, devices: int = 1,
-        timeout: int = 600, config_file: str = "configs/spender.py") -> subprocess.CompletedProcess:
+def run(mode: str, workdir: str, *overrides: str, devices: int = 1, timeout: int = 600,
+        config_file: str = "configs/spender.py", config: str = "smoke"
+        ) -> subprocess.CompletedProcess:
     """Run one mode to completion; fails the test (with the log's tail) unless it exits 0."""
-    proc = subprocess.run(command(mode, workdir, *overrides, config_file=config_file), cwd=ROOT,
+    proc = subprocess.run(command(mode, workdir, *overrides, config=config,
+                                  config_file=config_file), cwd=ROOT,
                           env=env(devices),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -36,7 +36,8 @@ KINDS = {
     "resnet": Kind("astroclip_jax.models.resnet:ResNet", "image", own_head=r"fc_\d+"),
     "spender": Kind("astroclip_jax.models.spender:SpectrumEncoder", "spectrum",
                     (("features_only", True),), own_head=r"mlp_\d+"),
-    "dinov2_vit": Kind("astroclip_jax.models.vit:VisionTransformer", "image", tokens=True),
+    "dinov2_vit": Kind("astroclip_jax.models.vit:VisionTransformer", "image",
+                       own_head=r"fc_\d+", tokens=True),  # the head pretrain_moco adds
     "specformer": Kind("astroclip_jax.models.specformer:SpecFormer", "spectrum", tokens=True),
 }
 

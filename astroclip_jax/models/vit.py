@@ -271,6 +271,29 @@ class VisionTransformer(nn.Module):
         return self._blocks_norm(x)[:, 0]
 
 
+class MocoViT(VisionTransformer):
+    """The ViT with a MoCo v2 projection head on its CLS embedding, for `--mode=pretrain_moco`
+    ("any image tower in any image trainer"): the same interface as `resnet.ResNet` there
+    ({"features", "head"}, a `batch_norm_training` switch: the ViT has no BatchNorm).
+
+    The head's layers `fc_0` (Dense -> ReLU) and `fc_2` sit beside the ViT's own parameters, so
+    the trained tower directory is a plain "dinov2_vit" tower plus its MoCo head, which
+    AstroCLIP drops (`towers.KINDS` own_head) or uses to seed an MLP image head."""
+
+    head_hidden: int = 1024
+    head_out: int = 128
+
+    def setup(self):
+        super().setup()
+        self.fc_0 = nn.Dense(self.head_hidden, name="fc_0")
+        self.fc_2 = nn.Dense(self.head_out, name="fc_2")
+
+    def __call__(self, images, batch_norm_training: bool = False):
+        del batch_norm_training
+        features = self.cls_embedding(images)
+        return {"features": features, "head": self.fc_2(nn.relu(self.fc_0(features)))}
+
+
 class PatchEmbed(nn.Module):
     """Conv2d(kernel = stride = patch) -> (B, H0 * W0, D) tokens in row-major patch order (torch's
     flatten(2).transpose(1, 2)); returns (tokens, (H0, W0))."""

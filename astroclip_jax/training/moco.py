@@ -3,9 +3,10 @@
     python main.py --config=configs/moco.py --mode=pretrain_moco --workdir=runs/moco
 
 Reads top to bottom: settings -> mesh -> data (flux cutouts, host centre crop `moco.input_crop`)
--> the query encoder (random ResNet of `moco.size` with its MLP head fc_0/fc_2) and its copy,
+-> the query encoder (random ResNet, or with `moco.kind` "dinov2_vit" a ViT, of `moco.size`
+with its MLP head fc_0/fc_2) and its copy,
 the momentum key encoder -> the step -> the shared loop (`loop.py`: resume, epochs,
-checkpoints, metrics, figure) -> the tower directory (<workdir>/tower, kind "resnet", the
+checkpoints, metrics, figure) -> the tower directory (<workdir>/tower, of `moco.kind`, the
 query encoder with its head), which configs/spender.py's `model.image_tower.weights` can name.
 
 One step (moco2_module.py's order): two views of the batch on the device (moco_augment.view,
@@ -40,7 +41,7 @@ from flax import struct
 from astroclip_jax import settings as settings_lib
 from astroclip_jax.data import pipeline, pretraining_records
 from astroclip_jax.errors import ConfigError
-from astroclip_jax.models import astroclip, resnet, tower_weights
+from astroclip_jax.models import astroclip, resnet, tower_weights, vit
 from astroclip_jax.training import loop, moco_augment, moco_losses, sharding
 from astroclip_jax.training import metrics as metrics_lib
 
@@ -71,10 +72,25 @@ def grouped_forward(model: resnet.ResNet, params, batch_stats, images: jax.Array
     def one(x):
         out, new = model.apply({"params": params, "batch_stats": batch_stats}, x,
                                batch_norm_training=True, mutable=["batch_stats"])
-        return out["head"], new["batch_stats"]
+        return out["head"], new.get("batch_stats", {})  # a ViT has no BatchNorm
 
     heads, stats = jax.vmap(one)(grouped)
     return heads.reshape(images.shape[0], -1), jax.tree.map(lambda s: jnp.mean(s, 0), stats)
+
+
+def encoder(p: settings_lib.MocoSettings):
+    """(the query encoder's module, the tower config its directory records, the head's width):
+    Stein's ResNet with its MLP head, or a ViT with the same head on its CLS embedding."""
+    if p.kind == "resnet":
+        config = dict(resnet.SIZES[p.size])
+        return resnet.ResNet(**config), config, config["head_out"]
+    config = dict(vit.SIZES[p.size])
+    # MoCo v2's head: the tower's width -> ReLU -> 128 (Stein's ResNet: 2048 -> 2048 -> 128).
+    model = vit.MocoViT(**config, head_hidden=config["embed_dim"], head_out=MOCO_DIM)
+    return model, config, MOCO_DIM
+
+
+MOCO_DIM = 128
 
 
 def make_optimizer(p: settings_lib.MocoSettings, train: settings_lib.TrainSettings,
@@ -121,7 +137,7 @@ def make_train_step(model, p: settings_lib.MocoSettings, tx, schedule,
 def run(settings: settings_lib.RunSettings, workdir: str) -> Any:
     """Pretrain (or resume) in `workdir`; writes the tower directory; the final state."""
     p, config_json = settings.moco, settings.config
-    tower_dir = loop.tower_output(p.tower_dir, "moco.tower_dir", "resnet", workdir)
+    tower_dir = loop.tower_output(p.tower_dir, "moco.tower_dir", p.kind, workdir)
     with loop.work_directory(os.path.abspath(workdir), settings, "MoCo pretraining") as workdir:
         loop.check_resume(workdir, config_json)
         train, mesh = settings.train, loop.make_mesh(settings)
@@ -137,11 +153,10 @@ def _train(config_json, settings, p, workdir, train, mesh, tower_dir):
                                                "moco.input_crop")
     loop.check_batch_fits(train, len(records))
     spe = pipeline.steps_per_epoch(len(records), train.batch_size)
-    aug = moco_augment.MocoAugment(size=p.crop, jitter=p.jitter)
+    aug = moco_augment.MocoAugment(size=p.crop, jitter=p.jitter, rgb=settings.data.image_transform)
 
     loop.banner("model")
-    config_dict = dict(resnet.SIZES[p.size])
-    model = resnet.ResNet(**config_dict)
+    model, config_dict, head_out = encoder(p)
     seed_key = jax.random.PRNGKey(settings.seed)
     tx, schedule = make_optimizer(p, train, spe)
 
@@ -149,9 +164,8 @@ def _train(config_json, settings, p, workdir, train, mesh, tower_dir):
         jax.eval_shape(model.init, seed_key, jnp.zeros((1, p.crop, p.crop, 3))), seed_key)
 
     def fresh() -> MocoState:
-        params, stats = variables["params"], variables["batch_stats"]
-        queue = moco_losses.init_queue(jax.random.fold_in(seed_key, 2), p.queue_size,
-                                       config_dict["head_out"])
+        params, stats = variables["params"], variables.get("batch_stats", {})
+        queue = moco_losses.init_queue(jax.random.fold_in(seed_key, 2), p.queue_size, head_out)
         return MocoState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
                          opt_state=tx.init(params), rng=jax.random.fold_in(seed_key, 1),
                          key_params=params, key_batch_stats=stats, queue=queue,
@@ -177,7 +191,7 @@ def _train(config_json, settings, p, workdir, train, mesh, tower_dir):
     if loop.is_main_process():
         host = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
         tower_weights.save_tower(
-            tower_dir, "resnet", {k: list(v) if isinstance(v, tuple) else v
+            tower_dir, p.kind, {k: list(v) if isinstance(v, tuple) else v
                                   for k, v in config_dict.items()},
             jax.tree.map(np.asarray, host),
             source={"trained_by": "pretrain_moco", "workdir": workdir,

@@ -46,6 +46,7 @@ BLUR_RADIUS = int(TRUNCATE * float(PSF_MAX.max()) + 0.5)
 class MocoAugment(NamedTuple):
     size: int = 96  # final crop
     jitter: int = 7
+    rgb: str = "stein_rgb"  # the RGB the tower is fed later: data.image_transform
     ebv_max: float = 1.0
     scale_min: float = 0.9
     scale_max: float = 1.1
@@ -141,6 +142,20 @@ def to_rgb(images: jax.Array) -> jax.Array:
     return jnp.clip(scaled + x * (m * stretched / intensity)[..., None], 0.0, 1.0)
 
 
+def astroclip_rgb(images: jax.Array) -> jax.Array:
+    """`data.preprocess.astroclip_rgb` in jnp: the viewer stretch, then height and width
+    swapped (what the released AstroCLIP's ViT is fed)."""
+    m, q = preprocess.STEIN_M, preprocess.STEIN_Q
+    scaled = [images[..., i] * preprocess.VIEWER_PLANES[b][1] + m
+              for i, b in enumerate(preprocess.STEIN_BANDS)]
+    intensity = sum(jnp.maximum(s, 0.0) for s in scaled) / 3.0
+    stretched = jnp.arcsinh(q * intensity) / math.sqrt(q)
+    intensity = jnp.where(intensity == 0.0, 1e-6, intensity)
+    planes = sorted(zip((preprocess.VIEWER_PLANES[b][0] for b in preprocess.STEIN_BANDS), scaled))
+    rgb = jnp.stack([s * stretched / intensity for _, s in planes], axis=-1)
+    return jnp.swapaxes(jnp.clip(rgb, 0.0, 1.0), -3, -2)
+
+
 # ---------------------------------------------------------------- the random view
 
 def _lognormal(key, fit, shape):
@@ -167,4 +182,4 @@ def view(key: jax.Array, images: jax.Array, aug: MocoAugment = MocoAugment()) ->
     sigma = added_sigma(_lognormal(keys[8], NOISE_FIT, (batch, 3)),
                         _lognormal(keys[9], NOISE_FIT, (batch, 3)))
     x = x + sigma[:, None, None, :] * jax.random.normal(keys[10], x.shape)
-    return to_rgb(x)
+    return astroclip_rgb(x) if aug.rgb == "astroclip_rgb" else to_rgb(x)
