@@ -110,7 +110,7 @@ def test_reuse_and_stale_file_kept(tmp_path, monkeypatch):
 
     def fake_rows(settings, data, trained_model):  # what would be embedded
         last["data"] = data
-        return embed.Rows(name="test", n=5, modalities=(), read=None, identity="test", meta={})
+        return embed.RowsToEmbed(name="test", n=5, modalities=(), read=None, identity="test", meta={})
 
     def fake_compute(trained_model, rows, directory, key, *args, **kwargs):
         computed.append(last["data"])

@@ -35,7 +35,7 @@ from astroclip_jax import wavelength_grids
 from astroclip_jax.data import shipped_files, spender_inputs, synthetic
 from astroclip_jax.models import spender_autoencoder as ae
 from astroclip_jax.models import tower_weights
-from astroclip_jax.training import spender_losses
+from astroclip_jax.training import spender_recipe
 
 PRETRAIN = "configs/spender_pretrain.py"
 SMALL = ("--config.train.batch_size=64", "--config.train.epochs=2")  # 3 steps an epoch
@@ -46,7 +46,7 @@ def test_consistency_loss_matches_spender():
     s = rng.standard_normal((9, 5)).astype(np.float32)
     s_aug = (s + 0.3 * rng.standard_normal(s.shape)).astype(np.float32)
     want = float(spender_loss.consistency_loss(torch.from_numpy(s), torch.from_numpy(s_aug)))
-    np.testing.assert_allclose(float(spender_losses.consistency_loss(s, s_aug)), want, rtol=1e-5)
+    np.testing.assert_allclose(float(spender_recipe.consistency_loss(s, s_aug)), want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("slope", [0.0, 1.3])
@@ -59,7 +59,7 @@ def test_similarity_restframe_loss_matches_spender(slope):
                                   decoder=types.SimpleNamespace(wave_rest=torch.from_numpy(wave_rest)))
     config = spender_loss.LossConfig(similarity_slope=slope)
     want = float(spender_loss.similarity_restframe_loss(model, torch.from_numpy(s), config=config))
-    got = spender_losses.similarity_restframe_loss(restframe, s, wave_rest, slope)
+    got = spender_recipe.similarity_restframe_loss(restframe, s, wave_rest, slope)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
@@ -76,7 +76,7 @@ def test_redshift_augmentation_matches_spender():
     torch.manual_seed(0)  # ratio=0: spender draws noise but keeps none of it
     spec_t, w_t, _ = DESI.augment_spectra(tuple(map(torch.from_numpy, (y, w, z))),
                                           z_new=torch.from_numpy(z_new), ratio=0.0)
-    spec, w_new = spender_losses.redshifted(y, w, z, z_new, np.zeros_like(y), wave)
+    spec, w_new = spender_recipe.redshifted(y, w, z, z_new, np.zeros_like(y), wave)
     np.testing.assert_allclose(np.asarray(spec), spec_t.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(w_new), w_t.numpy(), rtol=1e-5, atol=1e-5)
     assert (spec_t.numpy() == 0).any()  # some pixels moved outside the grid
@@ -88,7 +88,7 @@ def test_one_cycle_matches_torch(total):
     opt = torch.optim.Adam([param], lr=1e-3, eps=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=total)
     for step in range(total):
-        lr, beta1 = spender_losses.one_cycle(step, total, 1e-3)
+        lr, beta1 = spender_recipe.one_cycle(step, total, 1e-3)
         np.testing.assert_allclose(float(lr), opt.param_groups[0]["lr"], rtol=1e-5)
         np.testing.assert_allclose(float(beta1), opt.param_groups[0]["betas"][0], rtol=1e-6)
         opt.step()

@@ -61,7 +61,7 @@ from astroclip_jax.evaluation import runner
 # The table's API, for the modes, tests and notebooks that use `embed.<name>`; the code lives
 # in embed_rows (what is embedded), embed_stream (computing it) and embeddings (reuse).
 from astroclip_jax.evaluation.embed_rows import (
-    Rows, read_examples, rows_for, split_rows, survey_rows, survey_table_name)
+    RowsToEmbed, read_examples, rows_for, split_rows, survey_rows, survey_table_name)
 from astroclip_jax.evaluation.embed_stream import (
     IMAGE_POOL, SPECTRUM_BIN, bin_spectra, embed_to_directory, pool_images)
 from astroclip_jax.evaluation.embeddings import (
@@ -70,7 +70,7 @@ from astroclip_jax.evaluation.embeddings import (
     read_embeddings, write_embeddings)
 
 __all__ = [
-    "Rows", "read_examples", "rows_for", "split_rows", "survey_rows", "survey_table_name",
+    "RowsToEmbed", "read_examples", "rows_for", "split_rows", "survey_rows", "survey_table_name",
     "IMAGE_POOL", "SPECTRUM_BIN", "bin_spectra", "embed_to_directory", "pool_images",
     "EMBEDDINGS_DIR", "FORMAT_VERSION", "data_for_run", "embedding_manifest", "embeddings_key",
     "embeddings_path", "ensure_embeddings", "iter_embedding_chunks", "load_or_compute_embeddings",

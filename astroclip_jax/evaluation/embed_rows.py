@@ -24,7 +24,7 @@ _PROPERTY_COLUMNS = ("targetid", "redshift", "z_hp", "log_mstar", "has_props")
 
 
 @dataclasses.dataclass(frozen=True)
-class Rows:
+class RowsToEmbed:
     """Rows to embed, numbered 0..n-1. `read(start, stop)` gives the preprocessed model inputs
     (`image` and/or `spectrum`) and the per-row columns to carry (targetid, index = the row
     number, catalogue) of the rows of [start, stop) that are embedded (a survey leaves out the
@@ -46,7 +46,7 @@ def _scalar_extras(source):
             if name not in pipeline.BATCH_FIELDS and tuple(features[name].shape) == ()]
 
 
-def split_rows(data: DataSettings, split: str) -> Rows:
+def split_rows(data: DataSettings, split: str) -> RowsToEmbed:
     """The records of `split` of the (paired) dataset, preprocessed as `data` says."""
     source = pipeline.data_source(data, split)
     extras = _scalar_extras(source)
@@ -63,7 +63,7 @@ def split_rows(data: DataSettings, split: str) -> Rows:
         out["index"] = np.arange(start, stop, dtype=np.int64)
         return out
 
-    return Rows(name=split, n=len(source), modalities=("image", "spectrum"), read=read,
+    return RowsToEmbed(name=split, n=len(source), modalities=("image", "spectrum"), read=read,
                 identity=split, meta={"split": split,
                                       "dataset": f"{data.name}/{data.builder_config}",
                                       "synthetic": data.is_synthetic})
@@ -98,7 +98,7 @@ def _check_survey_shape(survey: SurveyFiles, data: DataSettings, spectrum_length
 
 
 def survey_rows(data: DataSettings, path: str, spectrum_length: int,
-                image_size: int | None = None) -> Rows:
+                image_size: int | None = None) -> RowsToEmbed:
     """The rows of an image-only or spectrum-only survey (`data.survey_files`), checked before
     anything is written: the row shape against the run's model (`image_size`: the side its
     towers see), the targetids under `data.duplicate_policy` (all of them, read up front),
@@ -138,7 +138,7 @@ def survey_rows(data: DataSettings, path: str, spectrum_length: int,
 
     name = survey_table_name(survey)
     policies = {"nan_policy": data.nan_policy, "duplicate_policy": data.duplicate_policy}
-    return Rows(name=name, n=survey.n, modalities=(key,), read=read,
+    return RowsToEmbed(name=name, n=survey.n, modalities=(key,), read=read,
                 identity={"survey": survey.stamp, **policies},
                 meta={"split": name, "survey": os.path.abspath(path), "files": len(survey.files),
                       "modality": key, "synthetic": False, "survey_rows": survey.n,
@@ -146,7 +146,7 @@ def survey_rows(data: DataSettings, path: str, spectrum_length: int,
 
 
 def rows_for(settings: settings_lib.RunSettings, data: DataSettings,
-             trained: restore.TrainedModel) -> Rows:
+             trained: restore.TrainedModel) -> RowsToEmbed:
     if settings.eval.survey_file:
         return survey_rows(data, settings.eval.survey_file,
                            trained.settings.model.spectrum_length, trained.model.image_size)

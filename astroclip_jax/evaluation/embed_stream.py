@@ -23,7 +23,7 @@ from tqdm import tqdm
 from astroclip_jax import files, processes
 from astroclip_jax.data import pipeline, preprocess
 from astroclip_jax.evaluation import embedding_files, restore
-from astroclip_jax.evaluation.embed_rows import Rows
+from astroclip_jax.evaluation.embed_rows import RowsToEmbed
 from astroclip_jax.models import towers
 from astroclip_jax.errors import DataError
 from astroclip_jax.training import sharding
@@ -78,7 +78,7 @@ def _host_inputs(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
 class _ChunkEmbedder:
     """Embeds row ranges on this process's devices: a batch per call, padded to one shape."""
 
-    def __init__(self, trained: restore.TrainedModel, rows: Rows, batch_size: int,
+    def __init__(self, trained: restore.TrainedModel, rows: RowsToEmbed, batch_size: int,
                  inputs: bool):
         self.mesh = sharding.make_mesh(jax.local_devices())
         n_dev = self.mesh.devices.size
@@ -150,7 +150,7 @@ def _reusable_chunk(directory: str, chunk: int, key: str, start: int, stop: int,
     return problem is None
 
 
-def _seal_meta(rows: Rows, trained: restore.TrainedModel, n: int, inputs: bool,
+def _seal_meta(rows: RowsToEmbed, trained: restore.TrainedModel, n: int, inputs: bool,
                chunk_rows: int) -> dict[str, Any]:
     meta = {**rows.meta, "n": n, "checkpoint": {"step": trained.step,
                                                 "directory": trained.checkpoint_dir},
@@ -180,7 +180,7 @@ def _no_empty_folder_left(directory: str):
         raise
 
 
-def embed_to_directory(trained: restore.TrainedModel, rows: Rows, directory: str, key: str,
+def embed_to_directory(trained: restore.TrainedModel, rows: RowsToEmbed, directory: str, key: str,
                        batch_size: int, chunk_rows: int, inputs: bool,
                        log: Callable[[str], None] = print) -> dict[str, Any]:
     """Embed `rows` into the table `directory` (resuming at the chunks already there with

@@ -223,7 +223,7 @@ def supervised_bounds(arrays, fit_rows, query_rows, y_fit, y_query, probe, run, 
         if modality == "photometry":  # magnitudes ~18: standardised by the training rows
             _, x_fit, x_query = (a.astype(np.float32) for a in probe_methods.standardise(
                 x_fit[tr], x_fit, x_query))
-        rows = supervised.Rows(x_fit[tr], ys[tr].astype(np.float32), x_fit[va],
+        rows = supervised.SupervisedData(x_fit[tr], ys[tr].astype(np.float32), x_fit[va],
                                ys[va].astype(np.float32))
         key = supervised.key_of(modality, rows, probe, seed)
         folder = os.path.join(workdir, SUPERVISED_DIR, f"{modality}-{key}")

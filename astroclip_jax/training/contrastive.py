@@ -63,7 +63,7 @@ def run(settings: settings_lib.RunSettings, workdir: str) -> Any:
 
 def _train(settings: settings_lib.RunSettings, workdir: str) -> Any:
     train = settings.train
-    mesh = loop.make_mesh(settings)
+    mesh = loop.start_mesh(settings)
     loop.prepare_data(settings.data)
     train_records = pipeline.PreprocessedRecords(settings.data, train.train_split)
     num_records = len(train_records)

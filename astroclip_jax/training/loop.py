@@ -98,7 +98,7 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def make_mesh(settings: settings_lib.RunSettings) -> jax.sharding.Mesh:
+def start_mesh(settings: settings_lib.RunSettings) -> jax.sharding.Mesh:
     """Start the multi-process runtime if asked, and the data mesh over every device."""
     banner("mesh")
     logging.get_absl_logger().addFilter(_QuietOrbax())

@@ -140,7 +140,7 @@ def run(settings: settings_lib.RunSettings, workdir: str) -> Any:
     tower_dir = loop.tower_output(p.tower_dir, "moco.tower_dir", p.kind, workdir)
     with loop.work_directory(os.path.abspath(workdir), settings, "MoCo pretraining") as workdir:
         loop.check_resume(workdir, config_json)
-        train, mesh = settings.train, loop.make_mesh(settings)
+        train, mesh = settings.train, loop.start_mesh(settings)
         return _train(config_json, settings, p, workdir, train, mesh, tower_dir)
 
 

@@ -91,7 +91,7 @@ def run(settings: settings_lib.RunSettings, workdir: str) -> Any:
 
 def _train(settings, p, workdir, tower_dir):
     train = settings.train
-    mesh = loop.make_mesh(settings)
+    mesh = loop.start_mesh(settings)
     loop.prepare_data(settings.data)
     records = FluxRecords(settings.data, train.train_split)
     loop.check_batch_fits(train, len(records))

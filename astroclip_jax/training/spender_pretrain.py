@@ -35,7 +35,7 @@ from astroclip_jax.data import pipeline, pretraining_records
 from astroclip_jax.errors import ConfigError
 from astroclip_jax.models import spender as spender_model
 from astroclip_jax.models import spender_autoencoder as ae
-from astroclip_jax.training import loop, optimizer, sharding, spender_losses
+from astroclip_jax.training import loop, optimizer, sharding, spender_recipe
 from astroclip_jax.training import metrics as metrics_lib
 
 _KEYS = ("spectrum", "weights", "z")
@@ -70,7 +70,7 @@ def make_optimizer(train: settings_lib.TrainSettings, clip_norm: float, steps_pe
                   else (1, steps_per_epoch * train.epochs))
 
     def at(count, which):
-        return spender_losses.one_cycle(count // div, total, train.learning_rate)[which]
+        return spender_recipe.one_cycle(count // div, total, train.learning_rate)[which]
 
     adam = optax.inject_hyperparams(optax.adam)(
         learning_rate=lambda count: at(count, 0), b1=lambda count: at(count, 1),
@@ -86,11 +86,11 @@ def losses(model: ae.Autoencoder, p: settings_lib.SpenderPretrainSettings, param
     fidelity = ae.fidelity_loss(y, w * valid, recon)
     total, parts = fidelity, {"fidelity": fidelity}
     if p.similarity:
-        sim = spender_losses.similarity_restframe_loss(restframe, s, model.wave_rest, slope)
+        sim = spender_recipe.similarity_restframe_loss(restframe, s, model.wave_rest, slope)
         total, parts["similarity"] = total + p.similarity_amp * sim, sim
     if p.consistency:
-        y_aug, _, _ = spender_losses.augment_redshift(key, y, w, z, model.wave_obs, p.augment_z_max)
-        cons = spender_losses.consistency_loss(s, model.encode(params, y_aug))
+        y_aug, _, _ = spender_recipe.augment_redshift(key, y, w, z, model.wave_obs, p.augment_z_max)
+        cons = spender_recipe.consistency_loss(s, model.encode(params, y_aug))
         total, parts["consistency"] = total + p.consistency_amp * cons, cons
     return total, parts
 
@@ -123,7 +123,7 @@ def run(settings: settings_lib.RunSettings, workdir: str) -> Any:
 
 def _train(settings, p, workdir, tower_dir):
     train = settings.train
-    mesh = loop.make_mesh(settings)
+    mesh = loop.start_mesh(settings)
     loop.prepare_data(settings.data)
     records = pretraining_records.SpectraRecords(settings.data, train.train_split)
     loop.check_batch_fits(train, len(records))
@@ -150,7 +150,7 @@ def _train(settings, p, workdir, tower_dir):
 
     def read(indices, t):
         out = records.batch(indices)
-        out["slope"] = spender_losses.similarity_slope(t // spe, train.epochs)
+        out["slope"] = spender_recipe.similarity_slope(t // spe, train.epochs)
         return out
 
     validate = _validation(settings, model, mesh)

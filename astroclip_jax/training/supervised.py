@@ -94,7 +94,7 @@ def make_train_step(module: nn.Module, tx, fixed) -> Callable:
 
 
 @dataclasses.dataclass(frozen=True)
-class Rows:
+class SupervisedData:
     """Inputs and standardised targets of the training and validation rows."""
 
     x_train: np.ndarray
@@ -109,7 +109,7 @@ def epochs_of(modality: str, probe: settings_lib.ProbeSettings) -> int:
     return probe.supervised_epochs
 
 
-def key_of(modality: str, rows: Rows, probe: settings_lib.ProbeSettings, seed: int) -> str:
+def key_of(modality: str, rows: SupervisedData, probe: settings_lib.ProbeSettings, seed: int) -> str:
     """What a trained bound depends on: its inputs, targets and settings (its folder name)."""
     digest = hashlib.sha256(json.dumps(
         [modality, seed, probe.supervised_image_size, probe.supervised_spectrum_size,
@@ -126,7 +126,7 @@ CURVES = metrics.Curves(figsize=(6, 4), panels=(metrics.Panel("MSE of standardis
     ("train/loss", "train"), ("val/loss", "validation (from the fit rows)"))),))
 
 
-def build_trainer(module: nn.Module, rows: Rows, train: settings_lib.TrainSettings, seed: int
+def build_trainer(module: nn.Module, rows: SupervisedData, train: settings_lib.TrainSettings, seed: int
                   ) -> tuple[loop.Trainer, Any, Callable]:
     """(Trainer, fixed variables, init) for `module` on `rows` (one device)."""
     tx = optimizer.make_optimizer(train)
@@ -162,7 +162,7 @@ def build_trainer(module: nn.Module, rows: Rows, train: settings_lib.TrainSettin
     return trainer, fixed, abstract
 
 
-def train_and_predict(modality: str, rows: Rows, query_x: np.ndarray,
+def train_and_predict(modality: str, rows: SupervisedData, query_x: np.ndarray,
                       run: settings_lib.RunSettings, workdir: str, seed: int
                       ) -> tuple[np.ndarray, dict[str, Any]]:
     """Train (or reuse, or resume) the bound in `workdir`; its best epoch's standardised
