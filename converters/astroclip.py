@@ -26,17 +26,21 @@ tower.json records the source file, its sha256 and, for hub files, the repositor
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
 import numpy as np
 
-from astroclip_jax import errors, files
+from astroclip_jax import files
 from astroclip_jax.models import tower_weights
 from converters import common, safe_pickle
 from converters.common import ConversionError
 
 IMAGE_KIND, SPECTRUM_KIND, HEADS_KIND = "dinov2_vit", "specformer", "astroclip_heads"
+MARKER = "astroclip.json"  # what marks OUT_DIR as this converter's (so --overwrite may replace it)
+OUTPUT_KIND = files.OutputKind("converted AstroCLIP folder", MARKER, (("kind", "astroclip"),),
+                               frozenset({MARKER, "image_tower", "spectrum_tower", "heads"}))
 IMAGE_DIR, SPECTRUM_DIR, HEADS_DIR = "image_tower", "spectrum_tower", "heads"
 
 # Top-level entries of a Lightning checkpoint besides the state_dict: training state, not weights.
@@ -184,9 +188,7 @@ def source_record(source: str, path: str, fmt: str, prefix: str | None) -> dict[
 
 def convert(source: str, out_dir: str, overwrite: bool = False) -> str:
     """Converts astroclip.ckpt, astrodino.ckpt or specformer.ckpt into OUT_DIR; returns it."""
-    if os.path.exists(out_dir) and not overwrite:
-        raise errors.WouldOverwrite(f"{out_dir} already exists; pass --overwrite "
-                                    "(overwrite=True) to replace it")
+    out_dir = common.checked_output(out_dir, OUTPUT_KIND, overwrite)
     path = common.fetch(source)
     name = os.path.basename(path)
     obj, _report = safe_pickle.load_checkpoint(path)
@@ -212,11 +214,14 @@ def convert(source: str, out_dir: str, overwrite: bool = False) -> str:
         parts = {SPECTRUM_DIR: (SPECTRUM_KIND, config, tower_weights.unflatten(flat))}
         prefixes, fmt = {SPECTRUM_DIR: ""}, "specformer-lightning"
     # Everything converted: now write, all of OUT_DIR at once.
-    with files.atomic_directory(os.path.abspath(out_dir)) as tmp:
+    with files.atomic_directory(out_dir, OUTPUT_KIND, "OUTPUT_DIR") as tmp:
         for folder, (part_kind, config, variables) in parts.items():
             record = source_record(source, path, fmt, prefixes[folder])
             tower_weights.save_tower(os.path.join(tmp, folder), part_kind, config, variables,
                                      source={**record, "checkpoint_kind": kind})
+        with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
+            json.dump({"kind": "astroclip", "checkpoint_kind": kind, "parts": sorted(parts),
+                       "source": source_record(source, path, fmt, None)}, f, indent=2)
     return out_dir
 
 

@@ -52,6 +52,17 @@ def flag(option: str) -> str:
 HUB_SCHEME = "hf://"
 
 
+def checked_output(out_dir: str, kind: "files.OutputKind", overwrite: bool) -> str:
+    """Before any download or work: OUT_DIR may only be a new folder or an earlier output of
+    `kind` (`files.check_output_location`: never a user's folder, whatever --overwrite says),
+    and an existing one only with `overwrite`. Its absolute path."""
+    out_dir = files.check_output_location(out_dir, kind, "OUTPUT_DIR")
+    if os.path.exists(out_dir) and not overwrite:
+        raise errors.WouldOverwrite(f"{out_dir} already exists; pass --overwrite "
+                                    "(overwrite=True) to replace it")
+    return out_dir
+
+
 def is_url(path: str) -> bool:
     return urllib.parse.urlparse(str(path)).scheme in ("http", "https")
 

@@ -235,9 +235,7 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False,
     from astroclip_jax.models import tower_weights
     from converters import safe_pickle
 
-    if os.path.exists(output_dir) and not overwrite:
-        raise errors.WouldOverwrite(f"{output_dir} already exists; pass --overwrite "
-                                    "(overwrite=True) to replace it")
+    common.checked_output(output_dir, tower_weights.output_kind(KIND), overwrite)
     path = common.fetch(input_path_or_url)
     name = os.path.basename(path)
     obj, _ = safe_pickle.load_checkpoint(path)

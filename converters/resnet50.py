@@ -26,7 +26,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from astroclip_jax import errors
 from converters import common
 
 KIND = "resnet"
@@ -155,10 +154,7 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False, no
     from astroclip_jax.models import tower_weights
 
     # Before the download: only an earlier tower of this kind is ever replaced.
-    files.check_output_location(output_dir, tower_weights.output_kind(KIND), "OUTPUT_DIR")
-    if os.path.exists(output_dir) and not overwrite:
-        raise errors.WouldOverwrite(f"{output_dir} already exists; pass --overwrite "
-                                    "(overwrite=True) to replace it")
+    common.checked_output(output_dir, tower_weights.output_kind(KIND), overwrite)
     path = common.fetch(input_path_or_url)
     name = os.path.basename(path)
     obj = common.torch_load(path, safe_globals=_safe_globals(), trust=trust_checkpoint)

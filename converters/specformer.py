@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import re
 from typing import Any, Iterable, Mapping
 
@@ -37,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from astroclip_jax import errors, files
+from astroclip_jax import files
 from astroclip_jax.models import heads as heads_model
 from astroclip_jax.models import specformer as specformer_model
 from astroclip_jax.models import tower_weights
@@ -252,9 +251,7 @@ def convert(source: str, out_dir: str, overwrite: bool = False, num_heads: int |
     """Converts upstream's specformer.ckpt into a tower directory; returns its path."""
     from converters import safe_pickle  # the safe loader (no torch, nothing executed)
 
-    if os.path.exists(out_dir) and not overwrite:
-        raise errors.WouldOverwrite(f"{out_dir} already exists; pass --overwrite "
-                                    "(overwrite=True) to replace it")
+    common.checked_output(out_dir, tower_weights.output_kind(KIND), overwrite)
     path = common.fetch(source)
     name = str(source)
     ckpt, _ = safe_pickle.load_checkpoint(path)

@@ -30,7 +30,6 @@ weights_only=False, which runs what the file names).
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Mapping
 
@@ -38,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from astroclip_jax import errors
 from astroclip_jax import files
 from astroclip_jax.models import tower_weights
 from astroclip_jax.models import spender as spender_model
@@ -202,10 +200,7 @@ def convert(input_path_or_url: str, output_dir: str, overwrite: bool = False,
     trust_checkpoint: load with torch.load(weights_only=False) (runs what the file names).
     """
     # Before the download: only an earlier tower of this kind is ever replaced.
-    files.check_output_location(output_dir, tower_weights.output_kind(KIND), "OUTPUT_DIR")
-    if os.path.exists(output_dir) and not overwrite:
-        raise errors.WouldOverwrite(f"{output_dir} already exists; pass --overwrite "
-                                    "(overwrite=True) to replace it")
+    common.checked_output(output_dir, tower_weights.output_kind(KIND), overwrite)
     path = common.fetch(input_path_or_url)
     name = str(input_path_or_url)
     sd, fmt = extract_state_dict(common.torch_load(path, trust=trust_checkpoint), name)

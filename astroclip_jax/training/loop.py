@@ -41,7 +41,7 @@ from astroclip_jax.errors import ConfigError, DamagedCheckpoint, TrainingDiverge
 from astroclip_jax.models import tower_weights
 from astroclip_jax.training import checkpoint as checkpoint_lib
 from astroclip_jax.training import metrics as metrics_lib
-from astroclip_jax.training import sharding
+from astroclip_jax.training import optimizer, sharding
 
 Metrics = dict[str, Any]
 
@@ -343,6 +343,18 @@ def tower_output(setting: str | None, field: str, kind: str, workdir: str) -> st
                                        workdir)
 
 
+def start_with_records(settings: settings_lib.RunSettings, records_of: Callable[[str], Any]
+                       ) -> tuple[jax.sharding.Mesh, Any, int]:
+    """A pretrainer's start: (the mesh, its training split's records, steps per epoch), the
+    dataset prepared and the batch checked against the split."""
+    train = settings.train
+    mesh = start_mesh(settings)
+    prepare_data(settings.data)
+    records = records_of(train.train_split)
+    check_batch_fits(train, len(records))
+    return mesh, records, pipeline.steps_per_epoch(len(records), train.batch_size)
+
+
 def replicated_state(mesh: jax.sharding.Mesh, shapes: Any) -> tuple[Any, Any]:
     """(the restore target, the shardings) of a state replicated on every device, from its
     shapes (`jax.eval_shape`): the ShapeDtypeStructs carry the replicated sharding."""
@@ -351,6 +363,17 @@ def replicated_state(mesh: jax.sharding.Mesh, shapes: Any) -> tuple[Any, Any]:
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
                             shapes)
     return abstract, shardings
+
+
+def replicated_train_state(mesh: jax.sharding.Mesh, tx, params: Any, rng: jax.Array
+                           ) -> tuple[Any, Any, Callable[[], Any]]:
+    """(the restore target, the shardings, a fresh-state function) of an
+    `optimizer.TrainState` over `params`, replicated on every device."""
+    abstract, shardings = replicated_state(mesh, jax.eval_shape(
+        lambda q, k: optimizer.init_state(tx, q, k), params, rng))
+    init = jax.jit(lambda q, k: optimizer.init_state(tx, q, k), out_shardings=shardings)
+    params = sharding.replicate(params, mesh)
+    return abstract, shardings, lambda: init(params, rng)
 
 
 def step_batches(num_records: int, seed: int, batch_size: int,

@@ -91,11 +91,8 @@ def run(settings: settings_lib.RunSettings, workdir: str) -> Any:
 
 def _train(settings, p, workdir, tower_dir):
     train = settings.train
-    mesh = loop.start_mesh(settings)
-    loop.prepare_data(settings.data)
-    records = FluxRecords(settings.data, train.train_split)
-    loop.check_batch_fits(train, len(records))
-    spe = pipeline.steps_per_epoch(len(records), train.batch_size)
+    mesh, records, spe = loop.start_with_records(
+        settings, lambda split: FluxRecords(settings.data, split))
 
     loop.banner("model")
     seed_key = jax.random.PRNGKey(settings.seed)
@@ -104,10 +101,7 @@ def _train(settings, p, workdir, tower_dir):
     params = jax.jit(model.init)(seed_key, jnp.zeros((1, settings.model.spectrum_length)))
     tx = optimizer.make_optimizer(train, spe)
     state_rng = jax.random.fold_in(seed_key, 1)
-    abstract, state_sharding = loop.replicated_state(mesh, jax.eval_shape(
-        lambda q, k: optimizer.init_state(tx, q, k), params, state_rng))
-    init_state = jax.jit(lambda q, k: optimizer.init_state(tx, q, k), out_shardings=state_sharding)
-    params = sharding.replicate(params, mesh)
+    abstract, state_sharding, fresh = loop.replicated_train_state(mesh, tx, params, state_rng)
     step = jax.jit(make_train_step(model, p, tx), donate_argnums=0,
                    in_shardings=(state_sharding, sharding.data_sharded(mesh)),
                    out_shardings=(state_sharding, sharding.replicated(mesh)))
@@ -117,7 +111,7 @@ def _train(settings, p, workdir, tower_dir):
 
     validate = _validation(settings, p, model, mesh, records_split=train.val_split)
     trainer = loop.Trainer(
-        abstract_state=abstract, init_state=lambda: init_state(params, state_rng),
+        abstract_state=abstract, init_state=fresh,
         steps_per_epoch=spe, train_step=train_step,
         batches=loop.step_batches(len(records), settings.seed, train.batch_size,
                                   lambda indices, t: records.batch(indices)),

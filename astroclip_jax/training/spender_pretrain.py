@@ -31,7 +31,7 @@ from absl import logging
 
 from astroclip_jax import wavelength_grids
 from astroclip_jax import settings as settings_lib
-from astroclip_jax.data import pipeline, pretraining_records
+from astroclip_jax.data import pretraining_records
 from astroclip_jax.errors import ConfigError
 from astroclip_jax.models import spender as spender_model
 from astroclip_jax.models import spender_autoencoder as ae
@@ -123,11 +123,8 @@ def run(settings: settings_lib.RunSettings, workdir: str) -> Any:
 
 def _train(settings, p, workdir, tower_dir):
     train = settings.train
-    mesh = loop.start_mesh(settings)
-    loop.prepare_data(settings.data)
-    records = pretraining_records.SpectraRecords(settings.data, train.train_split)
-    loop.check_batch_fits(train, len(records))
-    spe = pipeline.steps_per_epoch(len(records), train.batch_size)
+    mesh, records, spe = loop.start_with_records(
+        settings, lambda split: pretraining_records.SpectraRecords(settings.data, split))
 
     loop.banner("model")
     seed_key = jax.random.PRNGKey(settings.seed)
@@ -135,10 +132,7 @@ def _train(settings, p, workdir, tower_dir):
     tx = make_optimizer(train, p.clip_norm, spe, p.schedule_per)
     state_rng = jax.random.fold_in(seed_key, 1)
 
-    abstract, state_sharding = loop.replicated_state(mesh, jax.eval_shape(
-        lambda q, k: optimizer.init_state(tx, q, k), params, state_rng))
-    init_state = jax.jit(lambda q, k: optimizer.init_state(tx, q, k), out_shardings=state_sharding)
-    params = sharding.replicate(params, mesh)
+    abstract, state_sharding, fresh = loop.replicated_train_state(mesh, tx, params, state_rng)
     step = jax.jit(make_train_step(model, p, tx), donate_argnums=0,
                    in_shardings=(state_sharding, None),
                    out_shardings=(state_sharding, sharding.replicated(mesh)))
@@ -155,7 +149,7 @@ def _train(settings, p, workdir, tower_dir):
 
     validate = _validation(settings, model, mesh)
     trainer = loop.Trainer(
-        abstract_state=abstract, init_state=lambda: init_state(params, state_rng),
+        abstract_state=abstract, init_state=fresh,
         steps_per_epoch=spe, train_step=train_step,
         batches=loop.step_batches(len(records), settings.seed, train.batch_size, read),
         validate=lambda state: validate(state.params),
