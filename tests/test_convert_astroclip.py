@@ -315,7 +315,7 @@ def test_astrodino_and_specformer_files_convert(tmp_path, upstream):
                                ("specformer.ckpt", "spectrum_tower", "specformer")):
         out = tmp_path / name
         conv.convert(upstream[name], str(out))
-        assert sorted(os.listdir(out)) == [folder]
+        assert sorted(os.listdir(out)) == ["astroclip.json", folder]
         with open(out / folder / "tower.json") as f:
             meta = json.load(f)
         assert meta["kind"] == kind and meta["source"]["checkpoint_kind"] == name.split(".")[0]
@@ -441,3 +441,19 @@ def test_the_released_model_is_evaluated_and_exported_as_published(converted_gri
     np.testing.assert_allclose(embedder.embed_spectra(flux),
                                np.asarray(model.embed_spectra(params, flux)), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_out_dir_is_never_a_users_folder(tmp_path, upstream):
+    """--overwrite replaces an earlier conversion, never a folder it did not write."""
+    _needs_mappings()
+    out = tmp_path / "weights"
+    conv.convert(upstream["specformer.ckpt"], str(out))
+    conv.convert(upstream["specformer.ckpt"], str(out), overwrite=True)  # its own: replaced
+    assert sorted(os.listdir(out)) == ["astroclip.json", "spectrum_tower"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    run = _cli(upstream["specformer.ckpt"], mine, "--overwrite")
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and len(lines) == 1 and "OUTPUT_DIR" in lines[0], run.stderr
+    assert sorted(os.listdir(mine)) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
