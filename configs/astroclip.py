@@ -27,6 +27,13 @@ EMBED_DIM = 1024
 ATTENTION_HEADS = 4
 
 
+def _shipped_tower(name: str) -> str:
+    """A tower directory shipped inside the package (astroclip_jax/models/resources/)."""
+    from importlib import resources
+
+    return str(resources.files("astroclip_jax.models").joinpath("resources", name))
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """arg: "" (released model, real data), "synthetic" or "smoke"."""
     if arg not in ("", "synthetic", "smoke"):
@@ -76,6 +83,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         data.image_crop = 96  # 64 patches of 12 px: a CPU-sized ViT
         model.image_tower.size = "mini"
         model.spectrum_tower.size = "mini"
+        # Pretrained here on the synthetic training split, each by the command in its tower.json
+        # (configs/moco.py:astroclip, configs/specformer_pretrain.py:synthetic).
+        model.image_tower.weights = _shipped_tower("vit_mini_synthetic")
+        model.spectrum_tower.weights = _shipped_tower("specformer_mini_synthetic")
         for head in (model.image_head, model.spectrum_head):
             head.out, head.hidden = 256, (1024,)
         train.batch_size = 128
