@@ -80,7 +80,7 @@ def test_only_main_and_stored_configs_resolve():
     (moco.get_config, "pretrain_moco", "moco.crop", 0, "> 0"),
     (moco.get_config, "pretrain_moco", "moco.input_crop", 16, ">= moco.crop"),
     (moco.get_config, "pretrain_moco", "moco.jitter", -1, ">= 0"),
-    (moco.get_config, "pretrain_moco", "moco.size", "resnet5", "SIZES"),
+    (moco.get_config, "pretrain_moco", "moco.size", "resnet5", "sizes of moco.kind"),
     (moco.get_config, "pretrain_moco", "train.adam_eps", 0.0, "> 0"),
     (spender_pretrain.get_config, "pretrain_spender", "spender_pretrain.restframe_bins", 1,
      "at least 2 bins"),
