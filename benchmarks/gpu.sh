@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train-step, feature-cache and embedding benchmarks on one accelerator, in about 9 minutes.
+# Train-step, feature-cache, embedding and transformer-tower benchmarks on one accelerator, in
+# about 12 minutes.
 #
 #   bash benchmarks/gpu.sh            # writes benchmarks/results/*.json (and copies to $OUT if set)
 #
@@ -8,7 +9,8 @@
 # Budget (H200, measured shapes): train step (setup + parity, batches 512 and 64, both
 # frameworks) <= 170 s; MoCo v2 step (small and resnet50, torch, ours, ours with augmentation:
 # five compiles; a guess, not yet measured on a GPU) <= 240 s; embedding float32 <= 60 s;
-# embedding bfloat16 + cache <= 60 s.
+# embedding bfloat16 + cache <= 60 s; ViT-L/12 forward (ours and timm, with the conversion)
+# <= 60 s per dtype; SpecFormer forward <= 45 s per dtype.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -52,6 +54,16 @@ part embed_float32 60 "$PY" benchmarks/embed_throughput.py --size=full --dtype=f
     --batch=1024 --batches=20 --cache-n=0
 part embed_bfloat16_cache 60 "$PY" benchmarks/embed_throughput.py --size=full --dtype=bfloat16 \
     --batch=1024 --batches=20 --cache-n=8192 --cache-batch=1024
+# The released AstroCLIP's towers, ours vs PyTorch on the same device, same weights:
+# AstroDINO ViT-L/12 (AstroCLIP's token path) and SpecFormer 768 x 6, float32 and bfloat16.
+part vit_float32 60 "$PY" benchmarks/vit_forward.py --size=vit_large_p12 --path=tokens \
+    --batch=64 --iters=5 --label=gpu-float32
+part vit_bfloat16 60 "$PY" benchmarks/vit_forward.py --size=vit_large_p12 --path=tokens \
+    --batch=64 --iters=5 --dtype=bfloat16 --label=gpu-bfloat16
+part specformer_float32 45 "$PY" benchmarks/specformer_forward.py --sizes specformer \
+    --batch=128 --steps=5 --out="$RESULTS/specformer_forward-gpu-float32.json"
+part specformer_bfloat16 45 "$PY" benchmarks/specformer_forward.py --sizes specformer \
+    --batch=128 --steps=5 --dtype=bfloat16 --out="$RESULTS/specformer_forward-gpu-bfloat16.json"
 
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT/results" && cp "$RESULTS"/*.json "$OUT/results/" 2>/dev/null

@@ -1,7 +1,7 @@
 """AstroDINO ViT forward on CPU: our jitted Flax `VisionTransformer` vs timm's, same weights.
 
     python benchmarks/vit_forward.py [--size vit_large_p12] [--batch 4] [--iters 3]
-        [--path cls|tokens] [--torch-threads N] [--label NAME]
+        [--path cls|tokens] [--dtype float32|bfloat16] [--torch-threads N] [--label NAME]
 
 A timm `VisionTransformer` with DINOv2's options (as tests/test_vit.py builds it) gets timm's
 random init plus a random `mask_token`; its weights go through `converters.dinov2`'s mapping into
@@ -11,8 +11,9 @@ backbone (norm(blocks(patch_embed(x))), no CLS, no positions). Each framework ru
 subprocess, so its peak resident memory (VmHWM, `measure.peak_mb`) is its own; the median
 wall time of --iters calls after a warm-up (JAX: the compile) gives images/s, the median
 process CPU time the work per image; the two outputs on the shared batch must agree (1e-4
-relative) or nothing is reported. Printed as a table; written as JSON to
-benchmarks/results/vit_forward-LABEL.json.
+relative; `--dtype bfloat16`: both frameworks in bfloat16 with float32 parameters on our side,
+every output row's cosine similarity >= 0.999) or nothing is reported. Printed as a table;
+written as JSON to benchmarks/results/vit_forward-LABEL.json.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def run_torch(args) -> dict:
     model = _timm_model(args.size)
     model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
     x = torch.from_numpy(_images(args.batch, model.patch_embed.img_size[0])).permute(0, 3, 1, 2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, x = model.to(device), x.to(device)
+    if args.dtype == "bfloat16":
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
 
     def forward():
         with torch.no_grad():
@@ -85,8 +90,14 @@ def run_torch(args) -> dict:
                 return model.forward_features(x)[:, 0]
             return model.norm(model.blocks(model.patch_embed(x)))
 
-    np.save(args.out, forward().numpy())
-    return {**_timed(forward, args.iters), "threads": torch.get_num_threads(),
+    def timed_call():
+        out = forward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    np.save(args.out, forward().float().cpu().numpy())
+    return {**_timed(timed_call, args.iters), "threads": torch.get_num_threads(), "device": device,
             "version": torch.__version__, **measure.peak_mb()}
 
 
@@ -96,7 +107,8 @@ def run_jax(args) -> dict:
 
     from astroclip_jax.models import towers
 
-    module, variables, weights = towers.load_tower_module(args.weights, kind="dinov2_vit")
+    module, variables, weights = towers.load_tower_module(args.weights, kind="dinov2_vit",
+                                                          dtype=args.dtype)
     x = jnp.asarray(_images(args.batch, weights.config["img_size"]))
     method = "cls_embedding" if args.path == "cls" else "__call__"
     fwd = jax.jit(functools.partial(module.apply, method=method))
@@ -119,6 +131,7 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--path", choices=("cls", "tokens"), default="cls")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--label", default="")
     parser.add_argument("--framework", choices=("jax", "torch"))  # internal: one child
@@ -147,7 +160,8 @@ def main(argv=None) -> dict | None:
         for fw, weights in (("torch", "timm.pt"), ("jax", "tower")):
             cmd = [sys.executable, os.path.abspath(__file__), f"--framework={fw}",
                    f"--size={args.size}", f"--batch={args.batch}", f"--iters={args.iters}",
-                   f"--path={args.path}", f"--torch-threads={args.torch_threads}",
+                   f"--path={args.path}", f"--dtype={args.dtype}",
+                   f"--torch-threads={args.torch_threads}",
                    f"--weights={os.path.join(tmp, weights)}", f"--out={os.path.join(tmp, fw)}.npy"]
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if proc.returncode:
@@ -155,13 +169,19 @@ def main(argv=None) -> dict | None:
             results[fw] = json.loads(proc.stdout.strip().splitlines()[-1])
         ref, ours = np.load(os.path.join(tmp, "torch.npy")), np.load(os.path.join(tmp, "jax.npy"))
     rel = float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-    if not rel <= 1e-4:
+    flat_ours, flat_ref = ours.reshape(-1, ours.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    cos = float(np.min(np.sum(flat_ours * flat_ref, 1) / np.linalg.norm(flat_ours, axis=1)
+                       / np.linalg.norm(flat_ref, axis=1)))
+    if args.dtype == "float32" and not rel <= 1e-4:
         raise SystemExit(f"outputs differ: max abs diff {rel:.2e} of max |timm output|")
+    if args.dtype == "bfloat16" and not cos >= 0.999:
+        raise SystemExit(f"bfloat16 outputs differ: a row's cosine similarity is {cos:.5f}")
 
     ips = {fw: args.batch / statistics.median(r["times_s"]) for fw, r in results.items()}
     result = {
         "label": args.label or "default", "size": args.size, "batch": args.batch,
-        "iters": args.iters, "path": args.path, "max_rel_diff": rel,
+        "iters": args.iters, "path": args.path, "dtype": args.dtype, "max_rel_diff": rel,
+        "min_row_cosine": cos, "torch_device": results["torch"]["device"],
         "jax_images_per_s": round(ips["jax"], 3), "torch_images_per_s": round(ips["torch"], 3),
         "jax_over_torch": round(ips["jax"] / ips["torch"], 3),
         "jax_peak_mb": round(results["jax"]["peak_mb"]),

@@ -45,11 +45,22 @@ SIZES: dict[str, dict[str, Any]] = {
 _LN_EPS = 1e-5  # upstream modules.LayerNorm default (Flax's is 1e-6)
 _STD_FLOOR = 0.2  # upstream clips each spectrum's std at 0.2 before standardising
 
+def _at_least_float32(x: jax.Array) -> jax.Array:
+    """bfloat16 compute hands float32 to the heads; float32 and float64 pass unchanged."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
-def layer_norm(name: str) -> nn.LayerNorm:
+
+
+def layer_norm(name: str | None, dtype: Any = None) -> nn.LayerNorm:
     """torch LayerNorm numerics: eps 1e-5 and the two-pass variance (Flax's fast E[x^2] - E[x]^2
-    loses digits when the mean is large next to the spread)."""
-    return nn.LayerNorm(epsilon=_LN_EPS, use_fast_variance=False, name=name)
+    loses digits when the mean is large next to the spread); statistics in float32 whatever
+    `dtype`."""
+    return nn.LayerNorm(epsilon=_LN_EPS, use_fast_variance=False, dtype=dtype,
+                        param_dtype=jnp.float32, name=name)
+
+
+def _dense(features: int, dtype: Any = None, name: str | None = None) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def num_tokens(length: int, section: int = 20, overlap: int = 10) -> int:
@@ -111,11 +122,12 @@ class MLP(nn.Module):
 
     hidden: int
     dropout: float = 0.0
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        h = nn.gelu(nn.Dense(self.hidden, name="encoder")(x), approximate=False)
-        y = nn.Dense(x.shape[-1], name="decoder")(h)
+        h = nn.gelu(_dense(self.hidden, self.dtype, "encoder")(x), approximate=False)
+        y = _dense(x.shape[-1], self.dtype, "decoder")(h)
         return nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
@@ -125,16 +137,20 @@ class SelfAttention(nn.Module):
 
     num_heads: int
     dropout: float = 0.0
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         b, t, d = x.shape
-        q, k, v = jnp.split(nn.Dense(3 * d, name="attention")(x), 3, axis=-1)
+        q, k, v = jnp.split(_dense(3 * d, self.dtype, "attention")(x), 3, axis=-1)
         heads = lambda a: a.reshape(b, t, self.num_heads, d // self.num_heads)
         dropout_rng = self.make_rng("dropout") if train and self.dropout > 0 else None
         y = nn.dot_product_attention(heads(q), heads(k), heads(v), dropout_rng=dropout_rng,
-                                     dropout_rate=self.dropout, deterministic=not train)
-        y = nn.Dense(d, name="projection")(y.reshape(b, t, d))
+                                     dropout_rate=self.dropout, deterministic=not train,
+                                     # softmax in float32 under bfloat16 (it would make
+                                     # float64 float32, so only then)
+                                     force_fp32_for_softmax=jnp.dtype(q.dtype).itemsize < 4)
+        y = _dense(d, self.dtype, "projection")(y.reshape(b, t, d))
         return nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
@@ -144,18 +160,21 @@ class TransformerBlock(nn.Module):
     num_heads: int
     dropout: float = 0.0
     mlp_expansion: int = 4
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = x + SelfAttention(self.num_heads, self.dropout, name="attention")(
-            layer_norm("layernorm1")(x), train)
-        return x + MLP(self.mlp_expansion * x.shape[-1], self.dropout, name="mlp")(
-            layer_norm("layernorm2")(x), train)
+        x = x + SelfAttention(self.num_heads, self.dropout, self.dtype, name="attention")(
+            layer_norm("layernorm1", self.dtype)(x), train)
+        return x + MLP(self.mlp_expansion * x.shape[-1], self.dropout, self.dtype, name="mlp")(
+            layer_norm("layernorm2", self.dtype)(x), train)
 
 
 class SpecFormer(nn.Module):
     """SpecFormer on (B, L) flux; fields are upstream's hyper-parameters of the same names
-    (`mask_*` belong to the masking function and `norm_first` is unused upstream)."""
+    (`mask_*` belong to the masking function and `norm_first` is unused upstream), and `dtype`,
+    the compute dtype name ("float32", "bfloat16"): parameters stay float32, the tokenisation,
+    LayerNorm statistics and softmax run in float32, the outputs are float32."""
 
     input_dim: int = SIZES["specformer"]["input_dim"]
     embed_dim: int = SIZES["specformer"]["embed_dim"]
@@ -165,6 +184,7 @@ class SpecFormer(nn.Module):
     slice_section_length: int = 20
     slice_overlap: int = 10
     dropout: float = 0.0  # the released model's; used only with train=True
+    dtype: str | None = None  # None: the input's (float32)
 
     def __post_init__(self):
         if self.input_dim != self.slice_section_length + 2:
@@ -175,12 +195,15 @@ class SpecFormer(nn.Module):
         super().__post_init__()
 
     def setup(self):
-        self.data_embed = nn.Dense(self.embed_dim)
-        self.position_embed = nn.Embed(self.max_len, self.embed_dim)
-        self.blocks = [TransformerBlock(self.num_heads, self.dropout, name=f"blocks_{i}")
+        compute = jnp.dtype(self.dtype) if self.dtype else None
+        self.data_embed = _dense(self.embed_dim, compute)
+        self.position_embed = nn.Embed(self.max_len, self.embed_dim, dtype=compute,
+                                       param_dtype=jnp.float32)
+        self.blocks = [TransformerBlock(self.num_heads, self.dropout, dtype=compute,
+                                        name=f"blocks_{i}")
                        for i in range(self.num_layers)]
-        self.final_layernorm = layer_norm(None)
-        self.head = nn.Dense(self.input_dim)
+        self.final_layernorm = layer_norm(None, compute)
+        self.head = _dense(self.input_dim, compute)
         self.embed_dropout = nn.Dropout(self.dropout)
 
     def tokenize(self, spectra: jax.Array) -> jax.Array:
@@ -202,8 +225,8 @@ class SpecFormer(nn.Module):
         x = self.embed_dropout(x, deterministic=not train)
         for block in self.blocks:
             x = block(x, train)
-        return self.final_layernorm(x)
+        return _at_least_float32(self.final_layernorm(x))
 
     def reconstruct(self, tokens: jax.Array, train: bool = False) -> jax.Array:
         """Tokens (B, T, input_dim) -> reconstructions (B, T, input_dim) for masked modelling."""
-        return self.head(self.embed(tokens, train))
+        return _at_least_float32(self.head(self.embed(tokens, train)))

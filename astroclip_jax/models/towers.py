@@ -107,10 +107,17 @@ def init_tower(kind: str, config: Mapping[str, Any], rng: jax.Array,
     return jax.jit(module.init)(rng, jnp.zeros(tuple(example_input_shape), jnp.float32))
 
 
-def load_tower_module(path: str | os.PathLike, kind: str | None = None
+def load_tower_module(path: str | os.PathLike, kind: str | None = None, dtype: str | None = None
                       ) -> tuple[nn.Module, dict[str, Any], tower_weights.TowerWeights]:
-    """(module, variables, TowerWeights) from a converted tower directory."""
+    """(module, variables, TowerWeights) from a converted tower directory; `dtype` ("float32",
+    "bfloat16") sets the compute dtype of kinds that have one (parameters stay float32)."""
     weights = tower_weights.load_tower(path, kind=kind)
-    module = build_tower(weights.kind, weights.config)
+    config = dict(weights.config)
+    if dtype is not None:
+        if "dtype" not in {f.name for f in dataclasses.fields(_module_class(weights.kind))}:
+            raise ValueError(f"{path}: a {weights.kind!r} tower has no compute dtype option; "
+                             "it runs in float32")
+        config["dtype"] = dtype
+    module = build_tower(weights.kind, config)
     variables = jax.tree.map(jnp.asarray, weights.variables)
     return module, variables, weights

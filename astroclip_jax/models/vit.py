@@ -49,20 +49,29 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 _LN_EPS = 1e-6  # dinov2: norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
+def _at_least_float32(x: jax.Array) -> jax.Array:
+    """bfloat16 compute hands float32 to the heads; float32 and float64 pass unchanged."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
 # torch's bicubic convolution coefficient (upsample_bicubic2d, as in OpenCV); jax.image uses
 # Keys' -0.5, see `bicubic_matrix`.
 _CUBIC_A = -0.75
 
 
-def _layer_norm(name: str | None = None) -> nn.LayerNorm:
+def _layer_norm(name: str | None = None, dtype: Any = None) -> nn.LayerNorm:
     # use_fast_variance=False: E[(x - mean)^2] as torch computes it; E[x^2] - mean^2 loses digits
-    # on the residual stream, whose mean is large next to its spread.
-    return nn.LayerNorm(epsilon=_LN_EPS, use_fast_variance=False, name=name)
+    # on the residual stream, whose mean is large next to its spread. Statistics are reduced in
+    # float32 whatever `dtype` (Flax's force_float32_reductions).
+    return nn.LayerNorm(epsilon=_LN_EPS, use_fast_variance=False, dtype=dtype,
+                        param_dtype=jnp.float32, name=name)
 
 
-def _dense(features: int, use_bias: bool, precision: Any, name: str) -> nn.Dense:
+def _dense(features: int, use_bias: bool, precision: Any, name: str,
+           dtype: Any = None) -> nn.Dense:
     # dinov2's init_weights_vit_timm: trunc_normal(std 0.02) weights, zero biases.
-    return nn.Dense(features, use_bias=use_bias, precision=precision,
+    return nn.Dense(features, use_bias=use_bias, precision=precision, dtype=dtype,
+                    param_dtype=jnp.float32,
                     kernel_init=nn.initializers.truncated_normal(0.02), name=name)
 
 
@@ -75,7 +84,7 @@ class LayerScale(nn.Module):
     def __call__(self, x):
         gamma = self.param("gamma", nn.initializers.constant(self.init_values), (x.shape[-1],),
                            jnp.float32)
-        return x * gamma
+        return x * gamma.astype(x.dtype)
 
 
 class Attention(nn.Module):
@@ -86,6 +95,7 @@ class Attention(nn.Module):
     qkv_bias: bool = True
     proj_bias: bool = True
     precision: Any = "highest"
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x):
@@ -93,14 +103,15 @@ class Attention(nn.Module):
         if c % self.num_heads:
             raise ValueError(f"width {c} is not a multiple of num_heads {self.num_heads}")
         hd = c // self.num_heads
-        qkv = _dense(3 * c, self.qkv_bias, self.precision, "qkv")(x)
+        qkv = _dense(3 * c, self.qkv_bias, self.precision, "qkv", self.dtype)(x)
         # torch: reshape(B, N, 3, heads, hd): the 3c outputs are [q | k | v], each head-major.
         qkv = qkv.reshape(b, n, 3, self.num_heads, hd)
         q, k, v = qkv[:, :, 0] * (hd ** -0.5), qkv[:, :, 1], qkv[:, :, 2]
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=self.precision)
-        weights = jax.nn.softmax(logits, axis=-1)
+        # softmax in float32 or wider whatever the compute dtype (a no-op in float32)
+        weights = jax.nn.softmax(_at_least_float32(logits), axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=self.precision)
-        return _dense(c, self.proj_bias, self.precision, "proj")(out.reshape(b, n, c))
+        return _dense(c, self.proj_bias, self.precision, "proj", self.dtype)(out.reshape(b, n, c))
 
 
 class Mlp(nn.Module):
@@ -109,12 +120,13 @@ class Mlp(nn.Module):
     hidden: int
     bias: bool = True
     precision: Any = "highest"
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x):
-        h = _dense(self.hidden, self.bias, self.precision, "fc1")(x)
+        h = _dense(self.hidden, self.bias, self.precision, "fc1", self.dtype)(x)
         h = nn.gelu(h, approximate=False)
-        return _dense(x.shape[-1], self.bias, self.precision, "fc2")(h)
+        return _dense(x.shape[-1], self.bias, self.precision, "fc2", self.dtype)(h)
 
 
 class Block(nn.Module):
@@ -127,6 +139,7 @@ class Block(nn.Module):
     proj_bias: bool = True
     ffn_bias: bool = True
     precision: Any = "highest"
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x):
@@ -134,10 +147,11 @@ class Block(nn.Module):
             # dinov2: `LayerScale(...) if init_values else nn.Identity()`.
             return LayerScale(self.layerscale, name=name)(y) if self.layerscale else y
 
-        y = Attention(self.num_heads, self.qkv_bias, self.proj_bias, self.precision,
-                      name="attn")(_layer_norm("norm1")(x))
+        y = Attention(self.num_heads, self.qkv_bias, self.proj_bias, self.precision, self.dtype,
+                      name="attn")(_layer_norm("norm1", self.dtype)(x))
         x = x + scaled(y, "ls1")
-        y = Mlp(self.mlp_hidden, self.ffn_bias, self.precision, name="mlp")(_layer_norm("norm2")(x))
+        y = Mlp(self.mlp_hidden, self.ffn_bias, self.precision, self.dtype,
+                name="mlp")(_layer_norm("norm2", self.dtype)(x))
         return x + scaled(y, "ls2")
 
 
@@ -214,6 +228,9 @@ class VisionTransformer(nn.Module):
       qkv_bias, proj_bias, ffn_bias: biases of qkv, attention proj, and the MLP's Linears.
       interpolate_offset: dinov2's positional-embedding interpolation offset (0.1).
       precision: matmul precision ("highest": float32 everywhere).
+      dtype: compute dtype name ("float32", "bfloat16"): parameters stay float32, activations
+        and matmuls run in `dtype`, LayerNorm statistics and the softmax in float32; the output
+        is float32 (the heads and the loss stay float32).
     """
 
     img_size: int = 144
@@ -229,25 +246,28 @@ class VisionTransformer(nn.Module):
     ffn_bias: bool = True
     interpolate_offset: float = 0.1
     precision: Any = "highest"
+    dtype: str | None = None  # None: the input's (float32)
 
     def setup(self):
         d = self.embed_dim
         n_patches = (self.img_size // self.patch_size) ** 2
-        self.patch_embed = PatchEmbed(self.patch_size, d, self.precision)
+        compute = jnp.dtype(self.dtype) if self.dtype else None
+        self.patch_embed = PatchEmbed(self.patch_size, d, self.precision, compute)
         # dinov2 init_weights: cls_token ~ N(0, 1e-6), pos_embed ~ trunc_normal(0.02), mask 0.
         self.cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, d), jnp.float32)
         self.pos_embed = self.param("pos_embed", nn.initializers.truncated_normal(0.02),
                                     (1, n_patches + 1, d), jnp.float32)
         self.mask_token = self.param("mask_token", nn.initializers.zeros, (1, d), jnp.float32)
         self.blocks = [Block(self.num_heads, self.mlp_hidden, self.layerscale, self.qkv_bias,
-                             self.proj_bias, self.ffn_bias, self.precision)
+                             self.proj_bias, self.ffn_bias, self.precision, compute)
                        for i in range(self.depth)]
-        self.norm = _layer_norm()  # setup names submodules by attribute: blocks_<i>, norm
+        # setup names submodules by attribute: blocks_<i>, norm
+        self.norm = _layer_norm(dtype=compute)
 
     def _blocks_norm(self, x):
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        return _at_least_float32(self.norm(x))
 
     def __call__(self, images, train: bool = False):
         """(B, H, W, C) images -> (B, (H/p)(W/p), D) tokens as AstroCLIP's image head uses them:
@@ -255,19 +275,20 @@ class VisionTransformer(nn.Module):
         ImageHead.forward bypasses prepare_tokens_with_masks). `train` is accepted for a uniform
         tower API and changes nothing (no dropout or drop path at inference)."""
         del train
-        x, _ = self.patch_embed(jnp.asarray(images, jnp.float32))
+        x, _ = self.patch_embed(jnp.asarray(images, self.dtype or jnp.float32))
         return self._blocks_norm(x)
 
     def cls_embedding(self, images, masks=None):
         """(B, H, W, C) images -> (B, D): DINOv2's `forward` (x_norm_clstoken), the standalone
         AstroDINO embedding. `masks` (B, (H/p)(W/p)) bool replaces those patch tokens by
         `mask_token` before the positions are added (iBOT), as upstream."""
-        x, grid = self.patch_embed(jnp.asarray(images, jnp.float32))
+        x, grid = self.patch_embed(jnp.asarray(images, self.dtype or jnp.float32))
         if masks is not None:
-            x = jnp.where(jnp.asarray(masks)[..., None], self.mask_token[None], x)
-        cls = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, self.embed_dim))
+            x = jnp.where(jnp.asarray(masks)[..., None], self.mask_token[None].astype(x.dtype), x)
+        cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, self.embed_dim))
         x = jnp.concatenate([cls, x], axis=1)
-        x = x + interpolate_pos_embed(self.pos_embed, grid, self.interpolate_offset, self.precision)
+        x = x + interpolate_pos_embed(self.pos_embed, grid, self.interpolate_offset,
+                                      self.precision).astype(x.dtype)
         return self._blocks_norm(x)[:, 0]
 
 
@@ -301,6 +322,7 @@ class PatchEmbed(nn.Module):
     patch_size: int
     embed_dim: int
     precision: Any = "highest"
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, images):
@@ -311,5 +333,6 @@ class PatchEmbed(nn.Module):
         if h % p or w % p:  # dinov2 asserts the same
             raise ValueError(f"image size {h} x {w} is not a multiple of the patch size {p}")
         x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID",
-                    precision=self.precision, name="proj")(images)
+                    precision=self.precision, dtype=self.dtype, param_dtype=jnp.float32,
+                    name="proj")(images)
         return x.reshape(b, (h // p) * (w // p), self.embed_dim), (h // p, w // p)
