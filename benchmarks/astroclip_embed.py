@@ -23,12 +23,9 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -57,17 +54,6 @@ def _inputs(sizes: dict, batch: int) -> tuple[np.ndarray, np.ndarray]:
     return images, flux
 
 
-def _timed(call, iters: int) -> dict:
-    t0 = time.perf_counter()
-    call()
-    out = {"first_s": time.perf_counter() - t0, "times_s": [], "cpu_s": []}
-    for _ in range(iters):
-        t0, c0 = time.perf_counter(), time.process_time()
-        call()
-        out["times_s"].append(time.perf_counter() - t0)
-        out["cpu_s"].append(time.process_time() - c0)
-    return out
-
 
 def run_torch(args, sizes: dict) -> dict:
     import torch
@@ -80,7 +66,8 @@ def run_torch(args, sizes: dict) -> dict:
     x, f = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(flux)
     out = model(x, f)
     np.savez(args.out, image=out[0].numpy(), spectrum=out[1].numpy())
-    return {**_timed(lambda: model(x, f), args.iters), "threads": torch.get_num_threads(),
+    return {**measure.timed_calls(lambda: model(x, f), args.iters),
+            "threads": torch.get_num_threads(),
             "version": torch.__version__, **measure.peak_mb()}
 
 
@@ -107,7 +94,7 @@ def run_jax(args, sizes: dict) -> dict:
     def call():
         return jax.block_until_ready(embed(params, images, flux))
 
-    timing = _timed(call, args.iters)  # first: compile + run
+    timing = measure.timed_calls(call, args.iters)  # first: compile + run
     image, spectrum = call()
     np.savez(args.out, image=np.asarray(image), spectrum=np.asarray(spectrum))
     return {**timing, "version": jax.__version__, **measure.peak_mb()}
@@ -130,7 +117,6 @@ def main(argv=None) -> dict | None:
         print(json.dumps(result))
         return None
 
-    from astroclip_jax import files
     from converters import astroclip as converter
 
     results = {}
@@ -155,22 +141,10 @@ def main(argv=None) -> dict | None:
     if not max(rel.values()) <= 1e-4:
         raise SystemExit(f"embeddings differ: {rel} (max abs diff / max |torch value|)")
 
-    gps = {fw: args.batch / statistics.median(r["times_s"]) for fw, r in results.items()}
-    result = {
-        "label": args.label or args.size, "size": args.size, "batch": args.batch,
-        "iters": args.iters, "max_rel_diff": rel,
-        "jax_galaxies_per_s": round(gps["jax"], 3), "torch_galaxies_per_s": round(gps["torch"], 3),
-        "jax_over_torch": round(gps["jax"] / gps["torch"], 3),
-        **{f"{fw}_peak_mb": round(r["peak_mb"]) for fw, r in results.items()},
-        **{f"{fw}_cpu_s_per_galaxy": round(statistics.median(r["cpu_s"]) / args.batch, 3)
-           for fw, r in results.items()},
-        "jax_compile_and_first_s": round(results["jax"]["first_s"], 2),
-        "jax_times_s": [round(t, 3) for t in results["jax"]["times_s"]],
-        "torch_times_s": [round(t, 3) for t in results["torch"]["times_s"]],
-        "torch_threads": results["torch"]["threads"], "jax": results["jax"]["version"],
-        "torch": results["torch"]["version"], "cpu_count": os.cpu_count(),
-        "load_avg": os.getloadavg()[0], "machine": platform.machine(),
-    }
+    result = {"label": args.label or args.size, "size": args.size, "batch": args.batch,
+              "iters": args.iters, "max_rel_diff": rel,
+              **measure.compare(results, args.batch, "galaxy", "galaxies")}
+    gps = {fw: result[f"{fw}_galaxies_per_s"] for fw in results}
     print(f"{'label':<10}{'batch':>6}{'framework':>10}{'galaxy/s':>10}{'cpu s/gal':>10}"
           f"{'peak MB':>9}{'first s':>9}")
     for fw in ("torch", "jax"):
@@ -180,11 +154,7 @@ def main(argv=None) -> dict | None:
     print(f"jax / torch galaxies/s: {result['jax_over_torch']:.2f}; embeddings agree to "
           f"{max(rel.values()):.1e}; load average {result['load_avg']:.1f}")
 
-    os.makedirs(args.results, exist_ok=True)
-    path = os.path.join(args.results, f"astroclip_embed-{result['label']}.json")
-    with files.atomic_path(path) as tmp_path, open(tmp_path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {path}")
+    measure.write_json(os.path.join(args.results, f"astroclip_embed-{result['label']}.json"), result)
     return result
 
 

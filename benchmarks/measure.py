@@ -30,3 +30,54 @@ def timed(step: Callable[[int], float], steps: int) -> tuple[list[float], float]
     t0 = time.perf_counter()
     losses += [step(t) for t in range(1, steps + 1)]
     return [float(x) for x in losses], time.perf_counter() - t0
+
+
+def timed_calls(call: Callable[[], object], iters: int) -> dict:
+    """The first call's wall seconds (JAX: the compile), then the wall and process-CPU seconds of
+    each of `iters` calls: on a shared machine the CPU time says how much work a call takes,
+    whatever other jobs leave free. `call` must wait for its result."""
+    t0 = time.perf_counter()
+    call()
+    out = {"first_s": time.perf_counter() - t0, "times_s": [], "cpu_s": []}
+    for _ in range(iters):
+        t0, c0 = time.perf_counter(), time.process_time()
+        call()
+        out["times_s"].append(time.perf_counter() - t0)
+        out["cpu_s"].append(time.process_time() - c0)
+    return out
+
+
+def compare(results: dict, batch: int, one: str, many: str) -> dict:
+    """The JSON fields both framework children give, from their `timed_calls` + `peak_mb`
+    results ({"jax": ..., "torch": ...}): items per second (median wall time), CPU seconds per
+    item, peak memory, the compile, the raw times, versions and the machine's state."""
+    import os
+    import platform
+    import statistics
+
+    rate = {fw: batch / statistics.median(r["times_s"]) for fw, r in results.items()}
+    return {
+        f"jax_{many}_per_s": round(rate["jax"], 3), f"torch_{many}_per_s": round(rate["torch"], 3),
+        "jax_over_torch": round(rate["jax"] / rate["torch"], 3),
+        **{f"{fw}_peak_mb": round(r["peak_mb"]) for fw, r in results.items()},
+        **{f"{fw}_cpu_s_per_{one}": round(statistics.median(r["cpu_s"]) / batch, 3)
+           for fw, r in results.items()},
+        "jax_compile_and_first_s": round(results["jax"]["first_s"], 2),
+        **{f"{fw}_times_s": [round(t, 3) for t in r["times_s"]] for fw, r in results.items()},
+        "torch_threads": results["torch"]["threads"], "jax": results["jax"]["version"],
+        "torch": results["torch"]["version"], "cpu_count": os.cpu_count(),
+        "load_avg": os.getloadavg()[0], "machine": platform.machine(),
+    }
+
+
+def write_json(path: str, result: dict) -> None:
+    """Atomically (a reader never sees half a file), creating the folder."""
+    import json
+    import os
+
+    from astroclip_jax import files
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with files.atomic_path(path) as tmp_path, open(tmp_path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")

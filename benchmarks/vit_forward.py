@@ -22,12 +22,9 @@ import argparse
 import functools
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -56,20 +53,6 @@ def _images(batch: int, size: int) -> np.ndarray:
     return np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype(np.float32)
 
 
-def _timed(call, iters: int) -> dict:
-    """The first call's wall seconds, and wall and process-CPU seconds of the following calls:
-    on a shared machine the CPU time says how much work a batch takes, whatever other jobs
-    leave free."""
-    t0 = time.perf_counter()
-    call()
-    out = {"first_s": time.perf_counter() - t0, "times_s": [], "cpu_s": []}
-    for _ in range(iters):
-        t0, c0 = time.perf_counter(), time.process_time()
-        call()
-        out["times_s"].append(time.perf_counter() - t0)
-        out["cpu_s"].append(time.process_time() - c0)
-    return out
-
 
 def run_torch(args) -> dict:
     import torch
@@ -97,7 +80,8 @@ def run_torch(args) -> dict:
         return out
 
     np.save(args.out, forward().float().cpu().numpy())
-    return {**_timed(timed_call, args.iters), "threads": torch.get_num_threads(), "device": device,
+    return {**measure.timed_calls(timed_call, args.iters), "threads": torch.get_num_threads(),
+            "device": device,
             "version": torch.__version__, **measure.peak_mb()}
 
 
@@ -116,7 +100,7 @@ def run_jax(args) -> dict:
     def forward():
         return jax.block_until_ready(fwd(variables, x))
 
-    timing = _timed(forward, args.iters)  # first: compile + run
+    timing = measure.timed_calls(forward, args.iters)  # first: compile + run
     np.save(args.out, np.asarray(forward()))
     return {**timing, "version": jax.__version__, **measure.peak_mb()}
 
@@ -142,7 +126,6 @@ def main(argv=None) -> dict | None:
 
     import torch
 
-    from astroclip_jax import files
     from astroclip_jax.models import tower_weights
     from converters import common, dinov2 as conv
 
@@ -177,24 +160,12 @@ def main(argv=None) -> dict | None:
     if args.dtype == "bfloat16" and not cos >= 0.999:
         raise SystemExit(f"bfloat16 outputs differ: a row's cosine similarity is {cos:.5f}")
 
-    ips = {fw: args.batch / statistics.median(r["times_s"]) for fw, r in results.items()}
     result = {
         "label": args.label or "default", "size": args.size, "batch": args.batch,
         "iters": args.iters, "path": args.path, "dtype": args.dtype, "max_rel_diff": rel,
         "min_row_cosine": cos, "torch_device": results["torch"]["device"],
-        "jax_images_per_s": round(ips["jax"], 3), "torch_images_per_s": round(ips["torch"], 3),
-        "jax_over_torch": round(ips["jax"] / ips["torch"], 3),
-        "jax_peak_mb": round(results["jax"]["peak_mb"]),
-        "torch_peak_mb": round(results["torch"]["peak_mb"]),
-        "jax_compile_and_first_s": round(results["jax"]["first_s"], 2),
-        "jax_times_s": [round(t, 3) for t in results["jax"]["times_s"]],
-        "torch_times_s": [round(t, 3) for t in results["torch"]["times_s"]],
-        **{f"{fw}_cpu_s_per_image": round(statistics.median(r["cpu_s"]) / args.batch, 3)
-           for fw, r in results.items()},
-        "torch_threads": results["torch"]["threads"], "jax": results["jax"]["version"],
-        "torch": results["torch"]["version"], "cpu_count": os.cpu_count(),
-        "load_avg": os.getloadavg()[0], "machine": platform.machine(),
-    }
+        **measure.compare(results, args.batch, "image", "images")}
+    ips = {fw: result[f"{fw}_images_per_s"] for fw in results}
     print(f"{'label':<12}{'path':>7}{'batch':>6}{'framework':>10}{'img/s':>9}{'cpu s/img':>10}"
           f"{'peak MB':>9}{'first s':>9}")
     for fw in ("torch", "jax"):
@@ -204,12 +175,8 @@ def main(argv=None) -> dict | None:
     print(f"jax / torch images/s: {result['jax_over_torch']:.2f}; outputs agree to {rel:.1e}; "
           f"load average {result['load_avg']:.1f}")
 
-    out_dir = os.path.join(ROOT, "benchmarks", "results")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"vit_forward-{result['label']}.json")
-    with files.atomic_path(path) as tmp_path, open(tmp_path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {path}")
+    measure.write_json(os.path.join(ROOT, "benchmarks", "results",
+                                    f"vit_forward-{result['label']}.json"), result)
     return result
 
 
