@@ -138,7 +138,10 @@ def _train(settings: settings_lib.RunSettings, workdir: str) -> Any:
         steps_per_epoch=steps_per_epoch, batches=batches, train_step=train_step,
         validate=validate,
         initial_schedule=optimizer.Plateau(lr=train.learning_rate)._asdict(),
-        end_of_epoch=end_of_epoch, chance_loss=float(np.log(train.batch_size)))
+        end_of_epoch=end_of_epoch, chance_loss=float(np.log(train.batch_size)),
+        # the paper's wandb curves beside the run only where the run is the paper's model
+        paper_curves=(settings.model.image_tower.kind, settings.model.spectrum_tower.kind)
+        == ("resnet", "spender"))
     return loop.run(trainer, train, workdir, settings.config)
 
 

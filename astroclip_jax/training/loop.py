@@ -66,7 +66,9 @@ class Trainer:
       end_of_epoch: (state, schedule, validation metrics) -> (state, schedule) (default: both
         unchanged; the contrastive trainer's ReduceLROnPlateau is the one that uses it).
       curves: the end-of-run figure's panels (`metrics.Curves`); None draws the contrastive
-        one (InfoNCE with its chance level and the paper's curves).
+        one (InfoNCE with its chance level).
+      paper_curves: the contrastive figure also draws the reproduction paper's own run (only
+        meaningful for the paper's model: ResNet + Spender towers).
     """
 
     abstract_state: Any
@@ -81,6 +83,7 @@ class Trainer:
     curves: metrics_lib.Curves | None = None
     extra_metrics: tuple[str, ...] = ()  # step metrics also recorded per epoch as train/<name>
     chance_loss: float | None = None  # the loss of a blind guess, shown in the epoch log line
+    paper_curves: bool = False
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -317,7 +320,8 @@ def _run(trainer, train, workdir, config_json, ckpt, spe, total_steps):
         if trainer.curves is not None:
             metrics_lib.plot_curves(metrics_path, out, trainer.curves)
         else:
-            metrics_lib.plot_training_curves(metrics_path, out, batch_size=train.batch_size)
+            metrics_lib.plot_training_curves(metrics_path, out, reference=trainer.paper_curves,
+                                             batch_size=train.batch_size)
         logging.info("best checkpoint: step %s; figure %s", best, out)
     return state
 
