@@ -68,6 +68,9 @@ class TowerSettings:
     kind: str  # image: "resnet" | "dinov2_vit"; spectrum: "spender" | "specformer"
     size: str  # a named size of the module ("resnet50", "small", "test", ...)
     weights: str | None  # a converted tower directory; None = random init at `size`
+    # Compute dtype of the frozen tower ("float32" | "bfloat16", where the kind has the option:
+    # towers.KINDS compute_dtype): parameters stay float32, activations and matmuls in bfloat16.
+    dtype: str
 
     def __post_init__(self):
         # "" on the command line (`--config.model.spectrum_tower.weights=`) means random too:
@@ -473,6 +476,17 @@ def one_of(*choices: Any) -> Rule:
     return _plain(lambda v: v in choices, f"one of {list(choices)}")
 
 
+def compute_dtype_of(tower: str) -> Rule:
+    """bfloat16 only for tower kinds that have the option (models.towers.KINDS)."""
+    def test(value, s):
+        if value == "float32":
+            return True
+        from astroclip_jax.models import towers  # imports flax: only when bfloat16 is asked
+
+        return towers.kind_of(getattr(s.model, tower).kind).compute_dtype
+    return Rule(test, "float32 for this tower kind (bfloat16: resnet, dinov2_vit, specformer)")
+
+
 def each(rule: Rule) -> Rule:
     return Rule(lambda values, s: all(rule.test(v, s) for v in values),
                 f"values each {rule.expected.removeprefix('a ')}")
@@ -527,6 +541,9 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "data.num_workers": (NON_NEGATIVE,),
     "model.image_tower.kind": (one_of("resnet", "dinov2_vit"),),
     "model.spectrum_tower.kind": (one_of("spender", "specformer"),),
+    "model.image_tower.dtype": (one_of("float32", "bfloat16"), compute_dtype_of("image_tower")),
+    "model.spectrum_tower.dtype": (one_of("float32", "bfloat16"),
+                                   compute_dtype_of("spectrum_tower")),
     "model.image_size": (Rule(lambda v, _: v > 0, "augment.crop or data.image_crop > 0: the "
                               "towers need a fixed image size"),),
     "model.image_head.kind": (one_of("mlp", "cross_attention"),),

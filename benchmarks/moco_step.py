@@ -228,6 +228,7 @@ def main() -> None:
     parser.add_argument("--augment", action="store_true", help="also time our step with augmentation")
     parser.add_argument("--torch-device", default="cpu", help="cpu or cuda")
     parser.add_argument("--label", default="")
+    parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--framework", choices=("jax", "torch", "jax+augment"))  # internal: a child
     parser.add_argument("--spec")
     args = parser.parse_args()
@@ -273,7 +274,7 @@ def main() -> None:
     import torch
 
     name = "moco_step" + (f"-{args.label}" if args.label else "") + ".json"
-    path = os.path.join(ROOT, "benchmarks", "results", name)
+    path = os.path.join(args.results, name)
     write_json(path, {"command": " ".join(sys.argv), "rows": rows, "load_avg_start": load_start,
                       "load_avg_end": load_end, "cpu_count": os.cpu_count(),
                       "jax": jax.__version__, "jax_backend": jax.default_backend(),

@@ -118,6 +118,7 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--label", default="")
+    parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--framework", choices=("jax", "torch"))  # internal: one child
     parser.add_argument("--weights"), parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -175,8 +176,7 @@ def main(argv=None) -> dict | None:
     print(f"jax / torch images/s: {result['jax_over_torch']:.2f}; outputs agree to {rel:.1e}; "
           f"load average {result['load_avg']:.1f}")
 
-    measure.write_json(os.path.join(ROOT, "benchmarks", "results",
-                                    f"vit_forward-{result['label']}.json"), result)
+    measure.write_json(os.path.join(args.results, f"vit_forward-{result['label']}.json"), result)
     return result
 
 

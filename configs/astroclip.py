@@ -49,9 +49,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     augment.rotation, augment.flip, augment.crop = False, False, 0  # upstream: crop only
     augment.blur_sigma_max, augment.noise_std_max, augment.spectrum_noise_scale = 0.0, 0.0, 0.0
 
-    model.image_tower = ml_collections.ConfigDict(dict(kind="dinov2_vit", size="vit_large_p12"))
+    model.image_tower = ml_collections.ConfigDict(dict(kind="dinov2_vit", size="vit_large_p12",
+                                                       dtype="float32"))
     model.image_tower.weights = ml_collections.config_dict.placeholder(str)
-    model.spectrum_tower = ml_collections.ConfigDict(dict(kind="specformer", size="specformer"))
+    model.spectrum_tower = ml_collections.ConfigDict(dict(kind="specformer", size="specformer",
+                                                          dtype="float32"))
     model.spectrum_tower.weights = ml_collections.config_dict.placeholder(str)
     # Image side: out = mlp(ln(attention)); spectrum side: out = ln + mlp(ln) (upstream).
     model.image_head = ml_collections.ConfigDict(dict(

@@ -67,9 +67,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- model
     c.model = model = ml_collections.ConfigDict()
     # weights: a converted tower directory (converters/); None = random init at `size` (demo only).
-    model.image_tower = ml_collections.ConfigDict(dict(kind="resnet", size="small", weights=None))
+    # dtype: the frozen tower's compute dtype ("bfloat16" on a GPU for embedding at scale)
+    model.image_tower = ml_collections.ConfigDict(dict(kind="resnet", size="small", weights=None,
+                                                       dtype="float32"))
     model.image_tower.weights = ml_collections.config_dict.placeholder(str)
-    model.spectrum_tower = ml_collections.ConfigDict(dict(kind="spender", size="small"))
+    model.spectrum_tower = ml_collections.ConfigDict(dict(kind="spender", size="small",
+                                                          dtype="float32"))  # Spender: float32
     model.spectrum_tower.weights = ml_collections.config_dict.placeholder(str)
     # Image head: the MoCo v2 head shape; starts from the tower's fc_0/fc_2 when weights exist.
     # (kind "cross_attention" with num_heads and residual is AstroCLIP's: configs/astroclip.py.)

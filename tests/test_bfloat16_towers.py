@@ -67,3 +67,49 @@ def test_a_tower_without_the_option_says_so():
     with pytest.raises(ValueError, match="spender.*no compute dtype option"):
         towers.load_tower_module(os.path.join(RESOURCES, "spender_small_synthetic"), "spender",
                                  dtype="bfloat16")
+
+
+# ------------------------------------------------------------------ the config field
+
+
+def test_a_spender_tower_in_bfloat16_is_one_line_before_anything_runs():
+    from astroclip_jax import settings as settings_lib
+    from astroclip_jax.errors import ConfigError
+    from configs import spender
+
+    config = spender.get_config("smoke")
+    config.model.spectrum_tower.dtype = "bfloat16"
+    with pytest.raises(ConfigError, match=r"model\.spectrum_tower\.dtype.*float32 for this tower"):
+        settings_lib.resolve(config, "train")
+    config.model.spectrum_tower.dtype = "float16"
+    with pytest.raises(ConfigError, match=r"model\.spectrum_tower\.dtype.*'float32', 'bfloat16'"):
+        settings_lib.resolve(config, "train")
+
+
+R2_BOUND = 0.05  # |R^2(bfloat16 towers) - R^2(float32 towers)|, each cell of the smoke table
+
+
+def test_bfloat16_feature_cache_trains_heads_as_well_as_float32(tmp_path):
+    """configs/astroclip.py:smoke (ViT + SpecFormer, cross-attention heads) trained on a feature
+    cache computed by float32 and by bfloat16 towers: the caches are told apart (the fingerprint
+    holds the dtype) and the zero-shot R^2 tables agree within R2_BOUND."""
+    import json
+
+    import cli_runs
+
+    tables, caches = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        run = str(tmp_path / dtype)
+        flags = [f"--config.model.image_tower.dtype={dtype}",
+                 f"--config.model.spectrum_tower.dtype={dtype}"]
+        cli_runs.run("train", run, *flags, config_file="configs/astroclip.py")
+        cli_runs.run("eval_knn", run, *flags, config_file="configs/astroclip.py")
+        with open(os.path.join(run, "eval_knn", "results.json")) as f:
+            tables[dtype] = json.load(f)["r2"]
+        caches[dtype] = [n for n in os.listdir(run) if n.startswith("feature_cache-")]
+    assert len(caches["float32"]) == len(caches["bfloat16"]) == 1
+    assert caches["float32"] != caches["bfloat16"]
+    for what in ("image", "spectrum", "cross_modal"):
+        for prop, value in tables["float32"][what].items():
+            other = tables["bfloat16"][what][prop]
+            assert abs(other - value) <= R2_BOUND, (what, prop, value, other)

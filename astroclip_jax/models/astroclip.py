@@ -131,7 +131,8 @@ def _tower(kind: str, tower: TowerSettings, rng: jax.Array, example_shape: Seque
     if tower.weights:
         _, variables, weights = towers.load_tower_module(tower.weights, kind=kind)
         logging.info("%s tower: converted weights from %s", kind, tower.weights)
-        return dict(weights.config), variables, dict(weights.extras)
+        config = towers.with_compute_dtype(kind, weights.config, tower.dtype, tower.weights)
+        return config, variables, dict(weights.extras)
     logging.warning(
         "\n" + "!" * 78 + "\n!! %s tower: NO WEIGHTS GIVEN (model.*.weights is None) -> RANDOMLY "
         "INITIALISED %r tower.\n!! Fine for tests and the synthetic demo; meaningless for real "
@@ -139,6 +140,7 @@ def _tower(kind: str, tower: TowerSettings, rng: jax.Array, example_shape: Seque
     module_cfg = towers.tower_config(kind, tower.size)
     abstract = jax.eval_shape(towers.build_tower(kind, module_cfg).init, rng,
                               jnp.zeros(tuple(example_shape), jnp.float32))
+    module_cfg = towers.with_compute_dtype(kind, module_cfg, tower.dtype, f"{kind} {tower.size}")
     return module_cfg, random_tower_variables(abstract, rng), {}
 
 

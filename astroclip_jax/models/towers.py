@@ -30,12 +30,14 @@ class Kind:
     own_head: str | None = None
     # The features are a token sequence (N, T, D) for a cross-attention head (else (N, D)).
     tokens: bool = False
+    # The module has a `dtype` field: its compute dtype can be bfloat16 (parameters float32).
+    compute_dtype: bool = True
 
 
 KINDS = {
     "resnet": Kind("astroclip_jax.models.resnet:ResNet", "image", own_head=r"fc_\d+"),
     "spender": Kind("astroclip_jax.models.spender:SpectrumEncoder", "spectrum",
-                    (("features_only", True),), own_head=r"mlp_\d+"),
+                    (("features_only", True),), own_head=r"mlp_\d+", compute_dtype=False),
     "dinov2_vit": Kind("astroclip_jax.models.vit:VisionTransformer", "image",
                        own_head=r"fc_\d+", tokens=True),  # the head pretrain_moco adds
     "specformer": Kind("astroclip_jax.models.specformer:SpecFormer", "spectrum", tokens=True),
@@ -85,6 +87,17 @@ def _hashable(value: Any) -> Any:
     return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
 
 
+def with_compute_dtype(kind: str, config: Mapping[str, Any], dtype: str, where: str
+                       ) -> dict[str, Any]:
+    """`config` with the module's compute dtype set; float32 leaves it as it is."""
+    if dtype == "float32":
+        return dict(config)
+    if not kind_of(kind).compute_dtype:
+        raise ValueError(f"{where}: a {kind!r} tower has no compute dtype option; it runs in "
+                         "float32")
+    return {**config, "dtype": dtype}
+
+
 def build_tower(kind: str, config: Mapping[str, Any]) -> nn.Module:
     """The Flax module of a tower kind (`KINDS`) from its config dict."""
     return _module_class(kind)(**{k: _hashable(v) for k, v in config.items()})
@@ -114,10 +127,7 @@ def load_tower_module(path: str | os.PathLike, kind: str | None = None, dtype: s
     weights = tower_weights.load_tower(path, kind=kind)
     config = dict(weights.config)
     if dtype is not None:
-        if "dtype" not in {f.name for f in dataclasses.fields(_module_class(weights.kind))}:
-            raise ValueError(f"{path}: a {weights.kind!r} tower has no compute dtype option; "
-                             "it runs in float32")
-        config["dtype"] = dtype
+        config = with_compute_dtype(weights.kind, config, dtype, where=str(path))
     module = build_tower(weights.kind, config)
     variables = jax.tree.map(jnp.asarray, weights.variables)
     return module, variables, weights

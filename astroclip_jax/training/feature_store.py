@@ -99,10 +99,14 @@ def _sample_rows(n: int, k: int = 64) -> np.ndarray:
 
 
 def fingerprint(tower_params: Any, records: Records, views: ViewSpec,
-                pixel_std: np.ndarray | None) -> str:
-    """sha256 of the tower weights, the data (size and 64 evenly spaced rows), the views."""
+                pixel_std: np.ndarray | None, compute_dtypes: dict[str, str] | None = None) -> str:
+    """sha256 of the tower weights, the data (size and 64 evenly spaced rows), the views, and
+    the towers' compute dtypes where one is not float32 (float32 caches keep their names)."""
     digest = hashlib.sha256(f"feature_cache v{FORMAT_VERSION};;".encode())
     digest.update(json.dumps(dataclasses.asdict(views), sort_keys=True).encode())
+    lowered = {k: v for k, v in (compute_dtypes or {}).items() if v not in (None, "float32")}
+    if lowered:
+        digest.update(json.dumps(lowered, sort_keys=True).encode())
     flat_tree.update_digest(digest, tower_params)
     sample = records.batch(_sample_rows(len(records)))
     digest.update(f"n={len(records)};".encode())
@@ -210,7 +214,8 @@ def build_or_load_cache(model: AstroCLIP, frozen: Any, records: Records, views: 
     """
     tower_params = {"image_tower": frozen["image_tower"],
                     "spectrum_tower": frozen["spectrum_tower"]}
-    fp = fingerprint(tower_params, records, views, pixel_std)
+    fp = fingerprint(tower_params, records, views, pixel_std, {
+        name: getattr(getattr(model, name), "dtype", None) for name in tower_params})
     name = f"feature_cache-{fp[:16]}"
     path = os.path.join(os.path.abspath(cache_dir), name)
     # One builder per cache (runs may share a cache dir): another waits, then reuses it.
