@@ -481,9 +481,10 @@ def compute_dtype_of(tower: str) -> Rule:
     def test(value, s):
         if value == "float32":
             return True
-        from astroclip_jax.models import towers  # imports flax: only when bfloat16 is asked
-
-        return towers.kind_of(getattr(s.model, tower).kind).compute_dtype
+        # the kinds table imports flax: read only when bfloat16 is asked
+        kinds = _module_table("astroclip_jax.models.towers", "KINDS")
+        kind = kinds.get(getattr(s.model, tower).kind)
+        return kind is not None and kind.compute_dtype
     return Rule(test, "float32 for this tower kind (bfloat16: resnet, dinov2_vit, specformer)")
 
 
