@@ -144,13 +144,7 @@ def main(argv=None) -> dict | None:
     result = {"label": args.label or args.size, "size": args.size, "batch": args.batch,
               "iters": args.iters, "max_rel_diff": rel,
               **measure.compare(results, args.batch, "galaxy", "galaxies")}
-    gps = {fw: result[f"{fw}_galaxies_per_s"] for fw in results}
-    print(f"{'label':<10}{'batch':>6}{'framework':>10}{'galaxy/s':>10}{'cpu s/gal':>10}"
-          f"{'peak MB':>9}{'first s':>9}")
-    for fw in ("torch", "jax"):
-        print(f"{result['label']:<10}{args.batch:>6}{fw:>10}{gps[fw]:>10.3f}"
-              f"{result[fw + '_cpu_s_per_galaxy']:>10.2f}{results[fw]['peak_mb']:>9.0f}"
-              f"{results[fw]['first_s']:>9.1f}")
+    measure.print_comparison(result, results, "galaxy", "galaxies", (("batch", args.batch),))
     print(f"jax / torch galaxies/s: {result['jax_over_torch']:.2f}; embeddings agree to "
           f"{max(rel.values()):.1e}; load average {result['load_avg']:.1f}")
 

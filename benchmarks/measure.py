@@ -70,6 +70,20 @@ def compare(results: dict, batch: int, one: str, many: str) -> dict:
     }
 
 
+def print_comparison(result: dict, results: dict, one: str, many: str,
+                     columns: tuple[tuple[str, object], ...] = ()) -> None:
+    """A row per framework of a `compare` result: label, `columns`, rate, CPU s per item,
+    peak MB, first call (compile) s."""
+    head = ["label", *(name for name, _ in columns), "framework", f"{many}/s", f"cpu s/{one}",
+            "peak MB", "first s"]
+    print("".join(f"{h:>14}" for h in head))
+    for fw in ("torch", "jax"):
+        row = [result["label"], *(str(v) for _, v in columns), fw,
+               f"{result[f'{fw}_{many}_per_s']:.3f}", f"{result[f'{fw}_cpu_s_per_{one}']:.2f}",
+               f"{results[fw]['peak_mb']:.0f}", f"{results[fw]['first_s']:.1f}"]
+        print("".join(f"{c:>14}" for c in row))
+
+
 def write_json(path: str, result: dict) -> None:
     """Atomically (a reader never sees half a file), creating the folder."""
     import json

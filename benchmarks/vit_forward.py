@@ -166,13 +166,8 @@ def main(argv=None) -> dict | None:
         "iters": args.iters, "path": args.path, "dtype": args.dtype, "max_rel_diff": rel,
         "min_row_cosine": cos, "torch_device": results["torch"]["device"],
         **measure.compare(results, args.batch, "image", "images")}
-    ips = {fw: result[f"{fw}_images_per_s"] for fw in results}
-    print(f"{'label':<12}{'path':>7}{'batch':>6}{'framework':>10}{'img/s':>9}{'cpu s/img':>10}"
-          f"{'peak MB':>9}{'first s':>9}")
-    for fw in ("torch", "jax"):
-        print(f"{result['label']:<12}{args.path:>7}{args.batch:>6}{fw:>10}{ips[fw]:>9.2f}"
-              f"{result[fw + '_cpu_s_per_image']:>10.2f}{results[fw]['peak_mb']:>9.0f}"
-              f"{results[fw]['first_s']:>9.1f}")
+    measure.print_comparison(result, results, "image", "images",
+                             (("path", args.path), ("batch", args.batch)))
     print(f"jax / torch images/s: {result['jax_over_torch']:.2f}; outputs agree to {rel:.1e}; "
           f"load average {result['load_avg']:.1f}")
 
