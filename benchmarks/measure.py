@@ -47,6 +47,24 @@ def timed_calls(call: Callable[[], object], iters: int) -> dict:
     return out
 
 
+def agreement(ours, ref, dtype: str, what: str) -> tuple[float, float]:
+    """(max |ours - ref| / max |ref|, smallest cosine similarity of a row) of two outputs with
+    the feature axis last; stops the benchmark unless they agree: 1e-4 relative in float32,
+    every row's cosine >= 0.999 in bfloat16 (both sides round differently there)."""
+    import numpy as np
+
+    ours = np.asarray(ours, np.float64).reshape(-1, np.shape(ours)[-1])
+    ref = np.asarray(ref, np.float64).reshape(-1, np.shape(ref)[-1])
+    rel = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    cos = float(np.min(np.sum(ours * ref, 1) / np.linalg.norm(ours, axis=1)
+                       / np.linalg.norm(ref, axis=1)))
+    if dtype == "float32" and not rel <= 1e-4:
+        raise SystemExit(f"{what}: outputs differ by {rel:.2e} of the largest value")
+    if dtype == "bfloat16" and not cos >= 0.999:
+        raise SystemExit(f"{what}: bfloat16 outputs differ: a row's cosine similarity is {cos:.5f}")
+    return rel, cos
+
+
 def compare(results: dict, batch: int, one: str, many: str) -> dict:
     """The JSON fields both framework children give, from their `timed_calls` + `peak_mb`
     results ({"jax": ..., "torch": ...}): items per second (median wall time), CPU seconds per

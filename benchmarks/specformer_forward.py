@@ -130,13 +130,7 @@ def main(argv=None) -> dict:
                 proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
                 results[fw] = json.loads(proc.stdout.strip().splitlines()[-1])
             ref, ours = np.load(dumps["torch"]), np.load(dumps["jax"])
-            rel = float(np.abs(ours - ref).max() / np.abs(ref).max())
-            cos = float(np.min(np.sum(ours * ref, -1) / np.linalg.norm(ours, axis=-1)
-                               / np.linalg.norm(ref, axis=-1)))
-            if args.dtype == "float32" and rel > 1e-4:
-                raise SystemExit(f"{size}: the embeddings differ by {rel:.2e} of the largest value")
-            if args.dtype == "bfloat16" and cos < 0.999:
-                raise SystemExit(f"{size}: bfloat16 token cosine similarity down to {cos:.5f}")
+            rel, cos = measure.agreement(ours, ref, args.dtype, size)
             for fw, r in results.items():
                 device = f"{r['device_peak_mb']:9.0f}" if "device_peak_mb" in r else f"{'-':>9s}"
                 print(f"{size:10s} {fw:9s} {r['spectra_per_s']:10.1f} {r['peak_mb']:9.0f} {device}")

@@ -152,14 +152,7 @@ def main(argv=None) -> dict | None:
                 raise SystemExit(f"{fw} child failed:\n{proc.stderr[-3000:]}")
             results[fw] = json.loads(proc.stdout.strip().splitlines()[-1])
         ref, ours = np.load(os.path.join(tmp, "torch.npy")), np.load(os.path.join(tmp, "jax.npy"))
-    rel = float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-    flat_ours, flat_ref = ours.reshape(-1, ours.shape[-1]), ref.reshape(-1, ref.shape[-1])
-    cos = float(np.min(np.sum(flat_ours * flat_ref, 1) / np.linalg.norm(flat_ours, axis=1)
-                       / np.linalg.norm(flat_ref, axis=1)))
-    if args.dtype == "float32" and not rel <= 1e-4:
-        raise SystemExit(f"outputs differ: max abs diff {rel:.2e} of max |timm output|")
-    if args.dtype == "bfloat16" and not cos >= 0.999:
-        raise SystemExit(f"bfloat16 outputs differ: a row's cosine similarity is {cos:.5f}")
+    rel, cos = measure.agreement(ours, ref, args.dtype, f"{args.size} vs timm")
 
     result = {
         "label": args.label or "default", "size": args.size, "batch": args.batch,

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from astroclip_jax.models.precision import at_least_float32
+
 # The released model (configs/specformer.yaml: 22 -> 768, 6 layers, 6 heads, max_len 800) and
 # smaller ones from the same code. The converter reads the actual sizes from the file.
 SIZES: dict[str, dict[str, Any]] = {
@@ -44,11 +46,6 @@ SIZES: dict[str, dict[str, Any]] = {
 
 _LN_EPS = 1e-5  # upstream modules.LayerNorm default (Flax's is 1e-6)
 _STD_FLOOR = 0.2  # upstream clips each spectrum's std at 0.2 before standardising
-
-def _at_least_float32(x: jax.Array) -> jax.Array:
-    """bfloat16 compute hands float32 to the heads; float32 and float64 pass unchanged."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
 
 
 def layer_norm(name: str | None, dtype: Any = None) -> nn.LayerNorm:
@@ -225,8 +222,8 @@ class SpecFormer(nn.Module):
         x = self.embed_dropout(x, deterministic=not train)
         for block in self.blocks:
             x = block(x, train)
-        return _at_least_float32(self.final_layernorm(x))
+        return at_least_float32(self.final_layernorm(x))
 
     def reconstruct(self, tokens: jax.Array, train: bool = False) -> jax.Array:
         """Tokens (B, T, input_dim) -> reconstructions (B, T, input_dim) for masked modelling."""
-        return _at_least_float32(self.head(self.embed(tokens, train)))
+        return at_least_float32(self.head(self.embed(tokens, train)))

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from astroclip_jax.models.precision import at_least_float32
+
 # Upstream AstroDINO (astroclip/astrodino/config.yaml: vit_large, patch 12, 144 px global crops,
 # layerscale 1e-5) and smaller sizes built from the same code.
 SIZES: dict[str, dict[str, Any]] = {
@@ -49,11 +51,6 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 _LN_EPS = 1e-6  # dinov2: norm_layer = partial(nn.LayerNorm, eps=1e-6)
-
-def _at_least_float32(x: jax.Array) -> jax.Array:
-    """bfloat16 compute hands float32 to the heads; float32 and float64 pass unchanged."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
 # torch's bicubic convolution coefficient (upsample_bicubic2d, as in OpenCV); jax.image uses
 # Keys' -0.5, see `bicubic_matrix`.
 _CUBIC_A = -0.75
@@ -109,7 +106,7 @@ class Attention(nn.Module):
         q, k, v = qkv[:, :, 0] * (hd ** -0.5), qkv[:, :, 1], qkv[:, :, 2]
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=self.precision)
         # softmax in float32 or wider whatever the compute dtype (a no-op in float32)
-        weights = jax.nn.softmax(_at_least_float32(logits), axis=-1).astype(v.dtype)
+        weights = jax.nn.softmax(at_least_float32(logits), axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=self.precision)
         return _dense(c, self.proj_bias, self.precision, "proj", self.dtype)(out.reshape(b, n, c))
 
@@ -267,7 +264,7 @@ class VisionTransformer(nn.Module):
     def _blocks_norm(self, x):
         for block in self.blocks:
             x = block(x)
-        return _at_least_float32(self.norm(x))
+        return at_least_float32(self.norm(x))
 
     def __call__(self, images, train: bool = False):
         """(B, H, W, C) images -> (B, (H/p)(W/p), D) tokens as AstroCLIP's image head uses them:
