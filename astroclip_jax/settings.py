@@ -42,6 +42,16 @@ class DataSettings:
     data_dir: str | None  # None: the tfds default
     manual_dir: str | None
     provabgs_path: str | None
+    # The Multimodal Universe desi_provabgs files (a directory of healpix=*/ files, or one file):
+    # log Z_MW, TAGE_MW and log sSFR for astroclip_desi/provabgs_properties (data/provabgs_mmu.py)
+    provabgs_properties_path: str | None
+    # data.name "mmu_pairs" (data/mmu_builder.py): the Multimodal Universe DESI and Legacy Survey
+    # configuration folders (holding healpix=<i>/001-of-001.hdf5), the image bands in the order
+    # the image tower takes them, and the sky cross-match radius (arcsec; upstream 1)
+    mmu_desi_dir: str | None
+    mmu_legacysurvey_dir: str | None
+    bands: tuple[str, ...]
+    crossmatch_radius_arcsec: float
     grid: str  # wavelength grid of the spectra
     image_crop: int  # host centre crop; 0 keeps the whole cutout
     image_transform: str  # "stein_rgb" (the ResNet's) | "astroclip_rgb" (the ViT's) | "raw"
@@ -185,7 +195,7 @@ class ProbeSettings:
     photometry_columns: tuple[str, ...]  # the photometry baseline's inputs (g, r, z magnitudes)
     fractions: tuple[float, ...]  # of the labelled fit rows (few-shot curves)
     seeds: tuple[int, ...]
-    feature_sets: tuple[str, ...]  # what is probed (evaluation/probe.py FEATURE_SETS)
+    feature_sets: tuple[str, ...]  # what is probed (evaluation/feature_sets.py)
     curve_features: tuple[str, ...]  # feature sets probed at every fraction; others at 100 %
     knn_v2_neighbors: int  # AstroCLIP v2: 64, on standardised embeddings
     ridge_alphas: tuple[float, ...]  # the grid the validation slice chooses from
@@ -203,6 +213,50 @@ class ProbeSettings:
     supervised_photometry_epochs: int  # the magnitudes' MLP (cheap; AstroCLIP v2: 50)
     supervised_batch_size: int
     supervised_learning_rate: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MorphologySettings:
+    """Galaxy Zoo DECaLS morphology in `--mode=probe` (evaluation/morphology.py): AstroCLIP's
+    MLP per question on a frozen embedding, trained on the vote fractions."""
+
+    enabled: bool
+    labels: str  # "fraction" (votes / total) or "debiased" (the published catalogue's; upstream)
+    min_votes: int  # fit rows: at least this many answers to the question (AstroCLIP: 3)
+    min_answers: int  # held-out rows scored: at least this many answers (AstroCLIP: > 34)
+    hidden: tuple[int, ...]  # AstroCLIP's notebook: 3 x 256 (its function's default 3 x 128)
+    dropout: float  # 0.2
+    epochs: int  # 25, the best by validation loss kept
+    learning_rate: float  # Adam 1e-3
+    batch_size: int  # 256
+    val_fraction: float  # of the fit rows (AstroCLIP: 0.1)
+    weighted_sampling: bool  # rows drawn with replacement, weight = the top vote fraction
+    standardise: bool  # features scaled by the fit rows (AstroCLIP: raw embeddings)
+    # which of probe.feature_sets are scored (those the run has); the supervised image network
+    # is trained beside them when probe.supervised names "image"
+    feature_sets: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PosteriorSettings:
+    """Posterior estimation in `--mode=probe` (evaluation/posterior.py): AstroCLIP v2's ensemble
+    of conditional rational-quadratic spline flows on a frozen embedding, plus calibration."""
+
+    enabled: bool
+    ensemble: int  # members (upstream 10), each with its own seed and drawn width / blocks
+    epochs: int  # 25; the best epoch by validation NLL is kept (upstream keeps the last)
+    batch_size: int  # 128
+    learning_rate: float  # Adam 5e-4, cosine decay per epoch ...
+    min_learning_rate: float  # ... to this (upstream 1e-6)
+    knots: int  # spline bins (upstream 8)
+    bound: float  # the spline's interval [-bound, bound] on standardised targets (pyro: 3)
+    blocks: tuple[int, int]  # block count drawn uniformly in [lo, hi] (upstream 2-3)
+    hidden: tuple[int, int]  # conditioner width drawn log-uniformly in [lo, hi] (upstream 16-32)
+    layers: int  # hidden layers per conditioner (upstream 3)
+    val_fraction: float  # of the labelled fit rows, picks the best epoch (upstream 0.2)
+    joint: bool  # one flow over all targets (elementwise given the features, as upstream)
+    feature_sets: tuple[str, ...]  # which of probe.feature_sets are scored (those the run has)
+    show: int  # held-out galaxies drawn in posteriors.png
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,6 +349,8 @@ class RunSettings:
     # None when the config has no `probe` section: the config of a checkpoint written before it
     # existed (only --mode=probe needs it, and reads it from the command line's config).
     probe: ProbeSettings | None = None
+    morphology: MorphologySettings | None = None  # None likewise (--mode=probe)
+    posterior: PosteriorSettings | None = None  # None likewise (--mode=probe)
     index: IndexSettings | None = None  # None likewise (used by search and serve)
     serve: ServeSettings | None = None
     spender_pretrain: SpenderPretrainSettings | None = None  # None likewise
@@ -317,13 +373,15 @@ _MOVED = {("ModelSettings", "logit_scale"): "train", ("ModelSettings", "learn_lo
 SECTIONS = (("data", DataSettings, True), ("augment", AugmentSettings, True),
             ("model", ModelSettings, True), ("feature_cache", FeatureCacheSettings, True),
             ("train", TrainSettings, True), ("eval", EvalSettings, True),
-            ("probe", ProbeSettings, False), ("index", IndexSettings, False),
+            ("probe", ProbeSettings, False),
+            ("morphology", MorphologySettings, False), ("posterior", PosteriorSettings, False),
+            ("index", IndexSettings, False),
             ("serve", ServeSettings, False), ("spender_pretrain", SpenderPretrainSettings, False),
             ("moco", MocoSettings, False),
             ("specformer_pretrain", SpecformerPretrainSettings, False))
 
 # The optional sections each mode needs, and the config file that has them.
-MODE_SECTIONS = {"probe": ("probe",), "search": ("index",), "serve": ("index", "serve"),
+MODE_SECTIONS = {"probe": ("probe", "morphology", "posterior"), "search": ("index",), "serve": ("index", "serve"),
                  "pretrain_spender": ("spender_pretrain",), "pretrain_moco": ("moco",),
                  "pretrain_specformer": ("specformer_pretrain",)}
 _SECTION_HOME = {"moco": "configs/moco.py", "spender_pretrain": "configs/spender_pretrain.py",
@@ -533,11 +591,30 @@ def names_in(module: str, attribute: str, subset: bool = False) -> Rule:
 
 
 RULES: dict[str, tuple[Rule, ...]] = {
-    "data.name": (one_of("synthetic_desi", "astroclip_desi"),),
+    "data.name": (one_of("synthetic_desi", "astroclip_desi", "mmu_pairs"),),
+    "data.mmu_desi_dir": (Rule(lambda v, s: v is None or s.data.name == "mmu_pairs",
+                               "None unless data.name is 'mmu_pairs'"),),
+    "data.mmu_legacysurvey_dir": (Rule(lambda v, s: v is None or s.data.name == "mmu_pairs",
+                                       "None unless data.name is 'mmu_pairs'"),),
+    "data.bands": (  # three image planes: the towers take 3 channels
+        _plain(lambda v: len(v) == 3 and len(set(v)) == 3 and set(v) <= {"g", "r", "i", "z"},
+               "three different bands from 'g', 'r', 'i', 'z'"),
+        Rule(lambda v, s: s.data.name != "mmu_pairs"
+             or s.data.builder_config.split("_")[0] == "".join(v),
+             "the bands that data.builder_config '<bands>_<size>' names, in its order, for "
+             "data.name 'mmu_pairs'")),
+    "data.crossmatch_radius_arcsec": (POSITIVE,),
     "data.image_transform": (one_of("stein_rgb", "astroclip_rgb", "raw"),),
     "data.spectrum_norm": (one_of("zscore", "none"),),
     "data.nan_policy": (one_of("raise", "mask"),),
     "data.duplicate_policy": (one_of("raise", "drop"),),
+    "data.provabgs_properties_path": (Rule(  # only the builder configs that read it
+        lambda v, s: v is None or (s.data.name, s.data.builder_config) == (
+            "astroclip_desi", "provabgs_properties") or (
+            s.data.name == "mmu_pairs" and s.data.builder_config.endswith("_properties")),
+        "None unless data.name is 'astroclip_desi' with data.builder_config "
+        "'provabgs_properties', or 'mmu_pairs' with a data.builder_config ending in "
+        "'_properties' (the configs that read the desi_provabgs files)"),),
     "data.image_crop": (NON_NEGATIVE,),
     "data.num_workers": (NON_NEGATIVE,),
     "model.image_tower.kind": (one_of("resnet", "dinov2_vit"),),
@@ -602,9 +679,9 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "eval.kmeans_k_min": (_plain(lambda v: v >= 2, "a value >= 2"),),
     "eval.kmeans_k_max": (at_least("eval.kmeans_k_min"),),
     "eval.embed_chunk_rows": (POSITIVE,),
-    "probe.feature_sets": (NOT_EMPTY, names_in("astroclip_jax.evaluation.probe", "FEATURE_SETS",
-                                                subset=True)),
-    "probe.curve_features": (names_in("astroclip_jax.evaluation.probe", "FEATURE_SETS",
+    "probe.feature_sets": (NOT_EMPTY, names_in("astroclip_jax.evaluation.feature_sets",
+                                                "FEATURE_SETS", subset=True)),
+    "probe.curve_features": (names_in("astroclip_jax.evaluation.feature_sets", "FEATURE_SETS",
                                       subset=True),),
     "probe.fractions": (NOT_EMPTY, each(_plain(lambda v: 0 < v <= 1, "a value in (0, 1]"))),
     "probe.seeds": (NOT_EMPTY,),
@@ -623,6 +700,38 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "probe.supervised_photometry_epochs": (POSITIVE,),
     "probe.supervised_batch_size": (POSITIVE,),
     "probe.supervised_learning_rate": (POSITIVE,),
+    "morphology.enabled": (one_of(True, False),),
+    "morphology.labels": (one_of("fraction", "debiased"),),
+    "morphology.min_votes": (POSITIVE,),
+    "morphology.min_answers": (POSITIVE,),
+    "morphology.hidden": (NOT_EMPTY, each(POSITIVE)),
+    "morphology.dropout": (_plain(lambda v: 0 <= v < 1, "a value in [0, 1)"),),
+    "morphology.epochs": (POSITIVE,),
+    "morphology.learning_rate": (POSITIVE,),
+    "morphology.batch_size": (POSITIVE,),
+    "morphology.val_fraction": (UNIT_OPEN,),
+    "morphology.weighted_sampling": (one_of(True, False),),
+    "morphology.standardise": (one_of(True, False),),
+    "morphology.feature_sets": (NOT_EMPTY, names_in("astroclip_jax.evaluation.feature_sets",
+                                                     "FEATURE_SETS", subset=True)),
+    "posterior.enabled": (one_of(True, False),),
+    "posterior.ensemble": (POSITIVE,),
+    "posterior.epochs": (POSITIVE,),
+    "posterior.batch_size": (POSITIVE,),
+    "posterior.learning_rate": (POSITIVE,),
+    "posterior.min_learning_rate": (NON_NEGATIVE,),
+    "posterior.knots": (_plain(lambda v: v >= 2, "a value >= 2"),),
+    "posterior.bound": (POSITIVE,),
+    "posterior.blocks": (_plain(lambda v: len(v) == 2 and 1 <= v[0] <= v[1],
+                                "(lo, hi) with 1 <= lo <= hi"),),
+    "posterior.hidden": (_plain(lambda v: len(v) == 2 and 1 <= v[0] <= v[1],
+                                "(lo, hi) with 1 <= lo <= hi"),),
+    "posterior.layers": (POSITIVE,),
+    "posterior.val_fraction": (UNIT_OPEN,),
+    "posterior.joint": (one_of(True, False),),
+    "posterior.feature_sets": (NOT_EMPTY, names_in("astroclip_jax.evaluation.feature_sets",
+                                                    "FEATURE_SETS", subset=True)),
+    "posterior.show": (POSITIVE,),
     "index.exact_max": (POSITIVE,),
     "index.pq_dims_per_code": (POSITIVE,),
     "index.recall_target": (_plain(lambda v: 0 < v <= 1, "a value in (0, 1]"),),
@@ -712,7 +821,9 @@ def check(settings: RunSettings, mode: str | None = None) -> None:
 CHANGEABLE_ON_RESUME = ("train.epochs", "train.log_every_steps", "train.keep_checkpoints",
                         "train.val_batch_size", "eval.", "probe.", "index.", "serve.",
                         "feature_cache.", "data.num_workers",
-                        "data.data_dir", "data.manual_dir", "data.provabgs_path", "data.rebuild",
+                        "data.data_dir", "data.manual_dir", "data.provabgs_path",
+                        "data.provabgs_properties_path", "data.rebuild",
+                        "data.mmu_desi_dir", "data.mmu_legacysurvey_dir",
                         "multihost")
 
 

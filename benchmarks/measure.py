@@ -78,6 +78,8 @@ def compare(results: dict, batch: int, one: str, many: str) -> dict:
         f"jax_{many}_per_s": round(rate["jax"], 3), f"torch_{many}_per_s": round(rate["torch"], 3),
         "jax_over_torch": round(rate["jax"] / rate["torch"], 3),
         **{f"{fw}_peak_mb": round(r["peak_mb"]) for fw, r in results.items()},
+        **{f"{fw}_device_peak_mb": round(r["device_peak_mb"]) for fw, r in results.items()
+           if "device_peak_mb" in r},  # on an accelerator
         **{f"{fw}_cpu_s_per_{one}": round(statistics.median(r["cpu_s"]) / batch, 3)
            for fw, r in results.items()},
         "jax_compile_and_first_s": round(results["jax"]["first_s"], 2),

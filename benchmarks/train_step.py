@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                          # full size, batches 512 and 64
     python benchmarks/train_step.py --size=test --batches=64,16 --steps=3   # quick
+    python benchmarks/train_step.py --parts=cached --batches=512 --repeats=3   # heads-only step
 
 Full size = ResNet50 + MoCo head on 96x96 images, Spender on the 7781-pixel DESI grid, heads
 2048 -> [2048] -> 128 and 256 -> [256, 256, 256] -> 128, batch 512 (the paper's).
@@ -18,7 +19,12 @@ to one framework and one batch size:
           inside the jitted step) and from a host cache (views gathered in NumPy, then copied).
   torch   per batch: online step, towers only, augmentation only, cached step (heads only).
 Timings are steady-state seconds per step (after compile and warm-up) on a fixed device-resident
-batch, so input reading is excluded on both sides. Results: a table, and JSON in
+batch, so input reading is excluded on both sides. Our cached step also computes the metrics the
+trainer logs every step (loss parts, top-1 accuracies, gradient norm); torch's bare cached step
+computes none, so torch is also timed with the same metrics ("torch_cached_metrics", like for
+like). `--parts=cached` times only the cached steps (no towers: minutes less); `--repeats=N` runs
+the JAX and torch workers alternately N times per batch (a shared machine's load hits both
+alike) and reports the median of the runs. Results: a table, and JSON in
 benchmarks/results/train_step-<size>-<platform>.json.
 
 Threads: torch.set_num_threads(os.cpu_count()); XLA's CPU backend sizes its own intra-op pool to
@@ -277,21 +283,23 @@ def worker_jax(args) -> dict[str, Any]:
     out: dict[str, Any] = {}
     sync = jax.block_until_ready
 
-    step = jax.jit(steps.make_online_train_step(model, tx, run.augment, pixel_std=None),
-                   donate_argnums=(0,))
     holder = {"state": state}
+    if args.parts == "all":
+        step = jax.jit(steps.make_online_train_step(model, tx, run.augment, pixel_std=None),
+                       donate_argnums=(0,))
 
-    def online():
-        holder["state"], m = step(holder["state"], frozen, batch)
-        return m["loss"]
+        def online():
+            holder["state"], m = step(holder["state"], frozen, batch)
+            return m["loss"]
 
-    out["online"] = _timed(online, sync, args.steps, args.warmup)
+        out["online"] = _timed(online, sync, args.steps, args.warmup)
 
-    towers = jax.jit(lambda f, x: model.tower_features(f, x["image"], x["spectrum"]))
-    out["towers_only"] = _timed(lambda: towers(frozen, batch), sync, args.steps, args.warmup)
-    augment_only = jax.jit(lambda k, x: augment.augment_images(k, x["image"], run.augment))
-    key = jax.random.PRNGKey(0)
-    out["augment_only"] = _timed(lambda: augment_only(key, batch), sync, args.steps, args.warmup)
+        towers = jax.jit(lambda f, x: model.tower_features(f, x["image"], x["spectrum"]))
+        out["towers_only"] = _timed(lambda: towers(frozen, batch), sync, args.steps, args.warmup)
+        augment_only = jax.jit(lambda k, x: augment.augment_images(k, x["image"], run.augment))
+        key = jax.random.PRNGKey(0)
+        out["augment_only"] = _timed(lambda: augment_only(key, batch), sync, args.steps,
+                                     args.warmup)
 
     # Cached step: random features in the cache's layout (values do not change the cost).
     d_img, d_spec = (np.shape(a)[-1] for a in jax.eval_shape(
@@ -333,6 +341,35 @@ def worker_jax(args) -> dict[str, Any]:
     return out
 
 
+def torch_cached_step_with_metrics(model, optimizer, logit_scale: float = 15.5):
+    """torch's cached step plus what our step returns every step: both directions' losses and
+    top-1 accuracies, and the global gradient norm (the like-for-like comparison)."""
+    import torch
+    import torch.nn.functional as F
+
+    def step(image_feats, spectrum_feats) -> dict[str, float]:
+        img = F.normalize(model.image_head(image_feats), dim=-1, eps=1e-3)
+        spec = F.normalize(model.spectrum_head(spectrum_feats), dim=-1, eps=1e-3)
+        logits = logit_scale * img @ spec.T
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        loss_i2s, loss_s2i = F.cross_entropy(logits, labels), F.cross_entropy(logits.T, labels)
+        loss = 0.5 * (loss_i2s + loss_s2i)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        optimizer.step()
+        with torch.no_grad():
+            acc_i2s = (logits.argmax(1) == labels).float().mean()
+            acc_s2i = (logits.T.argmax(1) == labels).float().mean()
+        return {k: float(v.detach()) for k, v in dict(loss=loss, loss_i2s=loss_i2s, loss_s2i=loss_s2i,
+                                            acc_i2s=acc_i2s, acc_s2i=acc_s2i,
+                                            grad_norm=grad_norm).items()}
+
+    return step
+
+
 def worker_torch(args) -> dict[str, Any]:
     import torch
 
@@ -349,18 +386,23 @@ def worker_torch(args) -> dict[str, Any]:
                           AUGMENT["spectrum_noise_scale"], None)
     sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
     out: dict[str, Any] = {}
-    step = tb.make_step(model, opt, aug)
-    out["online"] = _timed(lambda: step(x, y), sync, args.steps, args.warmup)
-    out["towers_only"] = _timed(lambda: model.tower_features(x, y), sync, args.steps, args.warmup)
+    if args.parts == "all":
+        step = tb.make_step(model, opt, aug)
+        out["online"] = _timed(lambda: step(x, y), sync, args.steps, args.warmup)
+        out["towers_only"] = _timed(lambda: model.tower_features(x, y), sync, args.steps,
+                                    args.warmup)
 
-    def augment_only():
-        with torch.no_grad():
-            return aug(x, y)
+        def augment_only():
+            with torch.no_grad():
+                return aug(x, y)
 
-    out["augment_only"] = _timed(augment_only, sync, args.steps, args.warmup)
+        out["augment_only"] = _timed(augment_only, sync, args.steps, args.warmup)
     fi, fs = model.tower_features(x, y)
     cached = tb.make_cached_step(model, opt)
     out["cached"] = _timed(lambda: cached(fi, fs), sync, max(args.steps, 20), args.warmup)
+    with_metrics = torch_cached_step_with_metrics(model, opt)
+    out["cached_metrics"] = _timed(lambda: with_metrics(fi, fs), sync, max(args.steps, 20),
+                                   args.warmup)
     out["device_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     out["maxrss_mib"] = _maxrss_mib()
     out["device"] = device
@@ -378,7 +420,7 @@ def _run_worker(args, worker: str, batch: int | None = None) -> dict[str, Any]:
            f"--workdir={args.workdir}", f"--out={out}", f"--steps={args.steps}",
            f"--warmup={args.warmup}", f"--torch-device={args.torch_device}",
            f"--parity-batch={args.parity_batch}", f"--cache-n={args.cache_n}",
-           f"--cache-views={args.cache_views}"]
+           f"--cache-views={args.cache_views}", f"--parts={args.parts}"]
     if batch is not None:
         cmd.append(f"--batch={batch}")
     env = dict(os.environ)
@@ -393,8 +435,38 @@ def _run_worker(args, worker: str, batch: int | None = None) -> dict[str, Any]:
     return result
 
 
+def _median_runs(runs: list[dict]) -> dict[str, Any]:
+    """One worker result from --repeats runs: each part's median s_per_step (all runs kept
+    under "runs_s_per_step"), the largest peak memory."""
+    import statistics
+
+    out = dict(runs[0])
+    for part, v in runs[0].items():
+        if isinstance(v, dict) and "s_per_step" in v:
+            per = [r[part]["s_per_step"] for r in runs]
+            out[part] = {**v, "s_per_step": statistics.median(per), "runs_s_per_step": per}
+    for k in ("maxrss_mib", "device_peak_mib"):
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        out[k] = max(vals) if vals else None
+    return out
+
+
 def summarise(batch: int, j: dict, t: dict) -> dict[str, Any]:
     pairs = lambda sec: batch / sec  # noqa: E731
+    cached = {
+        "jax_cached_device_pairs_s": pairs(j["cached_device"]["s_per_step"]),
+        "jax_cached_host_pairs_s": pairs(j["cached_host"]["s_per_step"]),
+        "torch_cached_pairs_s": pairs(t["cached"]["s_per_step"]),
+        "torch_cached_metrics_pairs_s": pairs(t["cached_metrics"]["s_per_step"]),
+        "jax_maxrss_mib": j["maxrss_mib"], "torch_maxrss_mib": t["maxrss_mib"],
+        "jax_device_peak_mib": j["device_peak_mib"], "torch_device_peak_mib": t["device_peak_mib"],
+    }
+    cached["cached_vs_torch_cached"] = (cached["jax_cached_device_pairs_s"]
+                                        / cached["torch_cached_pairs_s"])
+    cached["cached_vs_torch_cached_metrics"] = (cached["jax_cached_device_pairs_s"]
+                                                / cached["torch_cached_metrics_pairs_s"])
+    if "online" not in j:  # --parts=cached
+        return cached
     row = {
         "jax_online_pairs_s": pairs(j["online"]["s_per_step"]),
         "torch_online_pairs_s": pairs(t["online"]["s_per_step"]),
@@ -409,13 +481,13 @@ def summarise(batch: int, j: dict, t: dict) -> dict[str, Any]:
     }
     row["online_speedup"] = row["jax_online_pairs_s"] / row["torch_online_pairs_s"]
     row["cached_vs_torch_online"] = row["jax_cached_device_pairs_s"] / row["torch_online_pairs_s"]
-    row["cached_vs_torch_cached"] = row["jax_cached_device_pairs_s"] / row["torch_cached_pairs_s"]
-    return row
+    return {**cached, **row}
 
 
 def print_table(rows: dict[int, dict[str, Any]]) -> None:
     fmt = {"pairs_s": "{:12.1f}", "share": "{:12.1%}", "mib": "{:12.0f}", "speedup": "{:11.2f}x",
-           "torch_online": "{:11.1f}x", "torch_cached": "{:11.2f}x"}
+           "torch_online": "{:11.1f}x", "torch_cached": "{:11.2f}x",
+           "torch_cached_metrics": "{:11.2f}x"}
     keys = list(next(iter(rows.values())))
     print(f"{'':32s}" + "".join(f"{'batch ' + str(b):>12s}" for b in rows))
     for k in keys:
@@ -434,6 +506,10 @@ def main(argv=None) -> None:
     p.add_argument("--parity-batch", type=int, default=16)
     p.add_argument("--cache-n", type=int, default=8192, help="galaxies in the benchmark's cache")
     p.add_argument("--cache-views", type=int, default=16, help="image views in the benchmark's cache")
+    p.add_argument("--parts", default="all", choices=("all", "cached"),
+                   help="cached: only the heads-only steps (no towers, online step, augmentation)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="JAX and torch workers run alternately this many times per batch (medians)")
     p.add_argument("--workdir", default=None, help="weights live here (default: a temporary dir)")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/...)")
     p.add_argument("--worker", default=None, choices=("setup", "jax", "torch"), help=argparse.SUPPRESS)
@@ -458,16 +534,22 @@ def main(argv=None) -> None:
           f"(max rel diff {parity['max_rel_diff']:.1e})", flush=True)
     raw, rows = {}, {}
     for b in batches:
-        raw[b] = {"jax": _run_worker(args, "jax", b), "torch": _run_worker(args, "torch", b)}
+        runs: dict[str, list] = {"jax": [], "torch": []}
+        for _ in range(args.repeats):
+            for fw in ("jax", "torch"):
+                runs[fw].append(_run_worker(args, fw, b))
+        raw[b] = {fw: _median_runs(r) for fw, r in runs.items()}
         rows[b] = summarise(b, raw[b]["jax"], raw[b]["torch"])
     print_table(rows)
+    print(f"load average {os.getloadavg()} (cores: {os.cpu_count()}); ratios > 1: ours faster", flush=True)
 
     import jax
     import torch
 
     platform_name = raw[batches[0]]["jax"]["platform"]
     result = {
-        "benchmark": "train_step", "size": args.size, "batches": batches,
+        "benchmark": "train_step", "size": args.size, "batches": batches, "parts": args.parts,
+        "repeats": args.repeats,
         "steps": args.steps, "warmup": args.warmup, "parity": parity, "summary": rows, "raw": raw,
         "meta": {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version(),
                  "cpu_count": os.cpu_count(), "platform": platform_name,

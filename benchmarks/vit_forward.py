@@ -82,7 +82,8 @@ def run_torch(args) -> dict:
     np.save(args.out, forward().float().cpu().numpy())
     return {**measure.timed_calls(timed_call, args.iters), "threads": torch.get_num_threads(),
             "device": device,
-            "version": torch.__version__, **measure.peak_mb()}
+            "version": torch.__version__,
+            **measure.peak_mb(torch.cuda.max_memory_allocated() if device == "cuda" else None)}
 
 
 def run_jax(args) -> dict:
@@ -102,7 +103,8 @@ def run_jax(args) -> dict:
 
     timing = measure.timed_calls(forward, args.iters)  # first: compile + run
     np.save(args.out, np.asarray(forward()))
-    return {**timing, "version": jax.__version__, **measure.peak_mb()}
+    device_peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")  # None: CPU
+    return {**timing, "version": jax.__version__, **measure.peak_mb(device_peak)}
 
 
 def _child(args) -> None:

@@ -40,8 +40,9 @@ def _shipped_tower(name: str) -> str:
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """arg: "" (synthetic default), "desi" (real data + converted weights) or "smoke"."""
-    if arg not in ("", "desi", "smoke"):
-        raise ValueError(f"unknown config variant {arg!r}; expected '', 'desi' or 'smoke'")
+    if arg not in ("", "desi", "smoke", "mmu"):
+        raise ValueError(f"unknown config variant {arg!r}; expected '', 'desi', 'smoke' or "
+                         "'mmu'")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.multihost = False  # True: jax.distributed.initialize() (also automatic under a coordinator)
@@ -50,11 +51,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data = data = ml_collections.ConfigDict()
     data.name = "synthetic_desi"  # "synthetic_desi" | "astroclip_desi"
     # synthetic: "tiny" 256 | "small" 4096 | "default" 16384 | "large" 65536 pairs;
-    # astroclip_desi: "joint" | "provabgs" (with the PROVABGS properties)
+    # astroclip_desi: "joint" | "provabgs" (with the PROVABGS z and log M*) | "provabgs_properties"
+    # (also log Z_MW, TAGE_MW, log sSFR from the Multimodal Universe desi_provabgs files)
     data.builder_config = "default"
     data.data_dir = ml_collections.config_dict.placeholder(str)  # None: the tfds default
     data.manual_dir = ml_collections.config_dict.placeholder(str)  # where astroclip_desi.1.1.5.h5 sits
     data.provabgs_path = ml_collections.config_dict.placeholder(str)  # PROVABGS catalogue (hdf5)
+    # builder_config "provabgs_properties": the Multimodal Universe desi_provabgs files (Z_MW,
+    # TAGE_MW, AVG_SFR); None: desi_provabgs/ in the manual dir
+    data.provabgs_properties_path = ml_collections.config_dict.placeholder(str)
+    # data.name "mmu_pairs" (variant "mmu"): the Multimodal Universe folders, e.g. .../dr1_main
+    # and .../ssl_legacysurvey/south (or .../dr10_south_21), each holding healpix=<i>/ files
+    data.mmu_desi_dir = ml_collections.config_dict.placeholder(str)
+    data.mmu_legacysurvey_dir = ml_collections.config_dict.placeholder(str)
+    data.bands = ("g", "r", "z")  # image planes in the tower's order (mmu_pairs: builder_config's)
+    data.crossmatch_radius_arcsec = 1.0  # mmu_pairs: DESI x Legacy Survey sky match (upstream 1")
     data.grid = "desi"  # wavelength grid of the spectra; must match the Spender weights
     data.image_crop = 96  # host centre crop of the 152 px cutouts (what the ResNet was trained on)
     data.image_transform = "stein_rgb"  # "stein_rgb" (what the weights expect) | "raw" flux
@@ -163,8 +174,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # embeddings), ridge and MLP probes at few-shot fractions of the labelled fit rows, and
     # supervised bounds trained end to end on the same rows (evaluation/probe.py).
     c.probe = probe = ml_collections.ConfigDict()
-    # Embeddings-file columns; synthetic: the generator's truths (z_hp = redshift there).
-    probe.regression_targets = ("z_hp", "log_mstar", "log_ssfr", "bulge_fraction", "r_eff_kpc")
+    # Embeddings-file columns; synthetic: the generator's truths (z_hp = redshift there). The
+    # five PROVABGS properties (redshift, log M*, log10 Z_MW, TAGE_MW in Gyr, log10 SFR / M*),
+    # then the morphology.
+    probe.regression_targets = ("z_hp", "log_mstar", "log_z_mw", "tage_mw", "log_ssfr",
+                                "bulge_fraction", "r_eff_kpc")
     probe.classification_targets = ("artefact",)  # 0 none, 1 satellite trail, 2 bright star
     probe.photometry_columns = ("mag_g", "mag_r", "mag_z")
     probe.fractions = (0.01, 0.1, 1.0)
@@ -194,6 +208,27 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     probe.supervised_batch_size = 64
     probe.supervised_learning_rate = 5e-4  # AstroCLIP v2's supervised baselines (Adam)
 
+    # ---------------------------------------------------------------- morphology (--mode=probe)
+    # Galaxy Zoo DECaLS: AstroCLIP's MLP per question on each frozen feature set, cross-entropy
+    # on the vote fractions, accuracy and F1 on held-out rows with > 34 answers
+    # (evaluation/morphology.py). 3 x 128 is its function's default (its notebook passes
+    # MLP_dim=256) and it feeds raw embeddings; here features are scaled by the fit rows
+    # (standardise: the magnitudes and PCA baselines need it).
+    c.morphology = ml_collections.ConfigDict(dict(
+        enabled=True, labels="fraction", min_votes=3, min_answers=35, hidden=(128, 128, 128),
+        dropout=0.2, epochs=25, learning_rate=1e-3, batch_size=256, val_fraction=0.1,
+        weighted_sampling=True, standardise=True,
+        feature_sets=("image", "spectrum", "frozen_image_features", "pca_image_inputs",
+                      "photometry")))
+
+    # ---------------------------------------------------------------- posterior (--mode=probe)
+    # AstroCLIP v2's posterior estimation: an ensemble of conditional rational-quadratic spline
+    # flows per feature set x target (evaluation/posterior.py), held-out NLL + calibration.
+    c.posterior = ml_collections.ConfigDict(dict(
+        enabled=True, ensemble=10, epochs=25, batch_size=128, learning_rate=5e-4,
+        min_learning_rate=1e-6, knots=8, bound=3.0, blocks=(2, 3), hidden=(16, 32), layers=3,
+        val_fraction=0.2, joint=False, feature_sets=("image", "spectrum"), show=4))
+
     # ---------------------------------------------------------------- vector index (search, serve)
     # Exact inner product (faiss IndexFlatIP) up to exact_max rows: about 45 ms a query per
     # million 128-d vectors on 2 cores (benchmarks/search_index.py); above it 4-bit PQ fast scan
@@ -220,7 +255,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         model.spectrum_tower.weights = _shipped_tower("spender_small_synthetic")
         model.image_tower.weights = _shipped_tower("resnet_small_synthetic")
         model.image_head.hidden = (512,)  # the small tower's MoCo head, which seeds the image head
-    if arg == "desi":
+    if arg in ("desi", "mmu"):
         data.name = "astroclip_desi"
         data.builder_config = "provabgs"  # all pairs, plus PROVABGS properties for evaluation
         data.manual_dir = "data/astroclip"
@@ -231,12 +266,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         model.spectrum_tower.size = "spender"
         model.spectrum_tower.weights = "weights/spender_desi"
         train.epochs = 80
-        # PROVABGS gives z and log M* here; Z_MW, t_age and sSFR need the `provabgs` package.
+        # The PROVABGS catalogue gives z and log M*. Z_MW, TAGE_MW and sSFR come from the
+        # Multimodal Universe desi_provabgs files (the `provabgs` package's fits): with them,
+        # --config.data.builder_config=provabgs_properties
+        # --config.data.provabgs_properties_path=PATH (or desi_provabgs/ in the manual dir)
+        # --config.probe.regression_targets="('z_hp','log_mstar','log_z_mw','tage_mw','log_ssfr')"
         probe.regression_targets = ("z_hp", "log_mstar")
         probe.classification_targets = ()
         probe.photometry_columns = ()  # the magnitudes are not in the prepared dataset yet
         probe.curve_features = ("image", "spectrum", "pca_image_inputs", "pca_spectrum_inputs")
         probe.supervised = ("image", "spectrum")
+        c.morphology.enabled = False  # the AstroCLIP file has no Galaxy Zoo votes
     elif arg == "smoke":
         data.builder_config = "tiny"  # 256 pairs: 204 train, 52 test
         data.image_crop = 32
@@ -262,4 +302,27 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         probe.supervised_epochs = 2
         probe.supervised_photometry_epochs = 2
         probe.supervised_batch_size = 8
+        c.morphology.hidden = (32, 32, 32)
+        c.morphology.epochs = 3
+        c.morphology.batch_size = 32
+        c.posterior.ensemble = 2
+        c.posterior.epochs = 2
+        c.posterior.batch_size = 16
+    if arg == "mmu":  # as "desi", with pairs cross-matched from Multimodal Universe folders
+        data.name = "mmu_pairs"
+        data.builder_config = "grz_152"  # "<bands>_<size>": 152 ssl_legacysurvey, 160 dr10_south_21
+        data.bands = ("g", "r", "z")
+        data.manual_dir = None
+        data.provabgs_path = None
+        data.mmu_desi_dir = "data/mmu/dr1_main"
+        data.mmu_legacysurvey_dir = "data/mmu/ssl_legacysurvey/south"
+        data.crossmatch_radius_arcsec = 1.0
+        # Without a join z_hp and log M* are NaN (has_props False) and the probe finds no
+        # labelled rows. The PROVABGS joins (by DESI TARGETID) are builder configs:
+        # --config.data.builder_config=grz_152_provabgs
+        # --config.data.provabgs_path=data/astroclip/BGS_ANY_full.provabgs.sv3.v0.hdf5
+        # (z_hp, log_mstar, has_props), or grz_152_provabgs_properties and also
+        # --config.data.provabgs_properties_path=PATH (the desi_provabgs files: log_z_mw, tage_mw,
+        # log_ssfr; NaN where a target is missing) with
+        # --config.probe.regression_targets="('z_hp','log_mstar','log_z_mw','tage_mw','log_ssfr')"
     return c

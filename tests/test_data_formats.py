@@ -323,7 +323,7 @@ def test_prepare_mode_writes_the_summary_and_reuses_the_dataset(tmp_path, monkey
     prepare.run(settings.resolve(config), str(tmp_path / "work"))
     with open(tmp_path / "work" / "prepare.json") as f:
         written = json.load(f)
-    assert written["dataset"] == "synthetic_desi/tiny/1.1.0"  # 1.1.0: with ivar
+    assert written["dataset"] == "synthetic_desi/tiny/1.2.0"  # 1.2.0: log_z_mw, tage_mw
     assert written["splits"]["train"]["examples"] == 204  # int(0.8 * 256)
     assert written["splits"]["test"]["examples"] == 52
     assert written["metadata"]["grid"] == "desi"

@@ -79,3 +79,47 @@ def test_report_table_figure_and_supervised_bound(probed):
     assert summary["epochs"] == 2 and summary["n_train"] + summary["n_val"] == n_fit
     assert os.path.isfile(os.path.join(summary["directory"], "training_curves.png"))
     assert os.path.getsize(os.path.join(workdir, "probe", "few_shot.png")) > 20_000
+
+
+def test_morphology_section_scores_the_questions_on_their_own_rows(probed):
+    """The Galaxy Zoo section: every question with held-out rows of > 34 answers is scored
+    (accuracy and F1 in [0, 1]) on exactly those rows, counted here from the table."""
+    from astroclip_jax.data import galaxy_zoo
+
+    workdir, stdout, results, arrays = probed
+    assert "Galaxy Zoo DECaLS morphology" in stdout
+    morph = results["morphology"]
+    root = np.nan_to_num(np.asarray(arrays["smooth-or-featured_total-votes"], np.float64))
+    rows = np.flatnonzero(root > 0)
+    _, query = knn.holdout_split(len(rows), 20, 0.2, 0)
+    assert morph["n_query"] == len(query)
+    for q in galaxy_zoo.schema():
+        total = np.nan_to_num(np.asarray(arrays[galaxy_zoo.total_column(q.name)], np.float64))
+        n = int(np.sum(total[rows[query]] >= 35))
+        if n == 0:
+            assert q.name in morph["skipped"]
+            continue
+        assert morph["questions"][q.name]["n_query"] == n
+        for metric in ("accuracy", "f1"):
+            (e,) = [e for e in morph["entries"] if e["features"] == "image"
+                    and e["target"] == q.name and e["metric"] == metric]
+            assert 0.0 <= e["mean"] <= 1.0
+    assert os.path.getsize(os.path.join(workdir, "probe", "morphology.png")) > 10_000
+
+
+def test_posterior_section_has_every_target_with_calibration(probed):
+    """The flow ensembles' section: each regression target of the run has its NLL (one value
+    per member), the KS p-value and the interval coverages, and both figures are written."""
+    workdir, stdout, results, arrays = probed
+    assert "Posteriors (flow ensembles)" in stdout
+    entries = results["posterior"]["entries"]
+    ensemble = spender.get_config("smoke").posterior.ensemble
+    for target in results["probe"]["regression_targets"]:
+        for features in ("image", "spectrum"):
+            got = {e["metric"]: e for e in entries
+                   if e["features"] == features and e["target"] == target}
+            assert len(got["nll"]["values"]) == ensemble and np.isfinite(got["nll"]["mean"])
+            assert 0.0 <= got["pit_ks_p"]["mean"] <= 1.0
+            assert 0.0 <= got["coverage68"]["mean"] <= got["coverage95"]["mean"] <= 1.0
+    for name in ("posterior_calibration.png", "posteriors.png"):
+        assert os.path.getsize(os.path.join(workdir, "probe", name)) > 10_000

@@ -8,7 +8,9 @@ files are read back with `tfds.data_source`. Keys only fix the (hashed) record o
                               the DESI grid; tiny_sdss, small_sdss on the SDSS grid.
                               First 80 % of galaxies (by index) train, the rest test.
     astroclip_desi/<config>   the upstream `astroclip_desi.1.1.5.h5`; "joint" as upstream,
-                              "provabgs" adds Z_HP and log M* from the PROVABGS catalogue.
+                              "provabgs" adds Z_HP and log M* from the PROVABGS catalogue,
+                              "provabgs_properties" also log_z_mw, tage_mw and log_ssfr from
+                              the Multimodal Universe desi_provabgs files.
 
 Both write the same Batch-contract fields: image (S, S, 3) flux, spectrum (L,), targetid,
 redshift, z_hp, log_mstar (NaN when unknown), has_props. `synthetic_desi` also stores `ivar`
@@ -36,7 +38,7 @@ from tensorflow_datasets.core import utils as tfds_utils
 from astroclip_jax import errors
 from astroclip_jax import files
 from astroclip_jax import wavelength_grids as grids
-from astroclip_jax.data import astroclip_desi, provabgs
+from astroclip_jax.data import astroclip_desi, provabgs, provabgs_mmu, synthetic_votes
 
 TRAIN_FRACTION = 0.8
 _BYTES = tfds.features.Encoding.BYTES
@@ -108,8 +110,11 @@ class SyntheticDesiConfig(tfds.core.BuilderConfig):
     block_size: int = 128  # galaxies generated per call (memory: ~40 MB per 128 at 152 px)
 
 
+# Galaxy Zoo DECaLS votes (data/synthetic_votes.py): each question's total and answer fractions,
+# under the published catalogue's column names.
+_SYNTHETIC_VOTES = tuple(synthetic_votes.feature_names())
 _SYNTHETIC_EXTRA = ("log_ssfr", "bulge_fraction", "r_eff_kpc", "axis_ratio", "position_angle",
-                    "mag_g", "mag_r", "mag_z")
+                    "mag_g", "mag_r", "mag_z", "log_z_mw", "tage_mw") + _SYNTHETIC_VOTES
 
 
 class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -143,9 +148,13 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 class SyntheticDesi(_Builder):
     """Synthetic image-spectrum pairs from `astroclip_jax.data.synthetic.generate`."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
-                     "1.1.0": "Adds `ivar` (L,): the inverse variance of each spectrum's noise."}
+                     "1.1.0": "Adds `ivar` (L,): the inverse variance of each spectrum's noise.",
+                     "1.2.0": "Adds the mass-weighted stellar metallicity `log_z_mw` (log10 Z) "
+                              "and age `tage_mw` (Gyr), and Galaxy Zoo DECaLS votes "
+                              "(`<question>_total-votes`, `<question>_<answer>_fraction`); "
+                              "images and spectra unchanged."}
     BUILDER_CONFIGS = [
         SyntheticDesiConfig(name="tiny", num_pairs=256, description="256 pairs, DESI grid"),
         SyntheticDesiConfig(name="small", num_pairs=4096, description="4096 pairs, DESI grid"),
@@ -218,17 +227,19 @@ class SyntheticDesi(_Builder):
 
 @dataclasses.dataclass
 class AstroclipDesiConfig(tfds.core.BuilderConfig):
-    """Whether to join the PROVABGS catalogue."""
+    """Whether to join the PROVABGS catalogue (and the Multimodal Universe desi_provabgs files)."""
     join_provabgs: bool = False
+    join_properties: bool = False  # log_z_mw, tage_mw, log_ssfr from data/provabgs_mmu.py
 
 
 class AstroclipDesi(_Builder):
     """AstroCLIP's `astroclip_desi.1.1.5.h5`, split per group as upstream (first 80 % train).
 
     Extra constructor arguments (used when preparing): `provabgs_path` (default: the catalogue
-    in the manual dir), `nan_policy` ("raise" or "mask") and `duplicate_policy` ("raise" or
-    "drop": repeated targetids are an error, or all but the first occurrence are dropped and
-    counted in `metadata["duplicates"]`).
+    in the manual dir), `provabgs_properties_path` (the desi_provabgs files of config
+    "provabgs_properties"; default: `desi_provabgs/` in the manual dir), `nan_policy` ("raise"
+    or "mask") and `duplicate_policy` ("raise" or "drop": repeated targetids are an error, or
+    all but the first occurrence are dropped and counted in `metadata["duplicates"]`).
     """
 
     VERSION = tfds.core.Version("1.1.5")
@@ -237,6 +248,9 @@ class AstroclipDesi(_Builder):
         AstroclipDesiConfig(name="joint", description="Images, spectra, redshifts, targetids."),
         AstroclipDesiConfig(name="provabgs", join_provabgs=True,
                             description="As joint, plus PROVABGS Z_HP and log stellar mass."),
+        AstroclipDesiConfig(name="provabgs_properties", join_provabgs=True, join_properties=True,
+                            description="As provabgs, plus log Z_MW, TAGE_MW and log sSFR from "
+                                        "the Multimodal Universe desi_provabgs files."),
     ]
     DEFAULT_CONFIG_NAME = "joint"
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
@@ -244,13 +258,18 @@ class AstroclipDesi(_Builder):
     directory (`data.manual_dir`, default <data_dir>/downloads/manual/). For the "provabgs"
     config also place `{provabgs.FILENAME}` there (DESI EDR VAC,
     https://data.desi.lbl.gov/public/edr/vac/edr/provabgs/v1.0/) or pass `provabgs_path`.
+    For "provabgs_properties" also place the Multimodal Universe desi_provabgs files
+    (`healpix=*/001-of-001.h5`) in `{provabgs_mmu.DIRNAME}/` there or pass
+    `provabgs_properties_path`.
     """
 
     def __init__(self, *, provabgs_path: str | None = None, nan_policy: str = "raise",
-                 duplicate_policy: str = "raise", **kwargs):
+                 duplicate_policy: str = "raise", provabgs_properties_path: str | None = None,
+                 **kwargs):
         astroclip_desi.check_nan_policy(nan_policy)
         astroclip_desi.check_duplicate_policy(duplicate_policy)
         self._provabgs_path = provabgs_path
+        self._properties_path = provabgs_properties_path
         self._nan_policy = nan_policy
         self._duplicate_policy = duplicate_policy
         super().__init__(**kwargs)
@@ -267,14 +286,22 @@ class AstroclipDesi(_Builder):
         if self.builder_config.join_provabgs:
             out["provabgs"] = (os.fspath(self._provabgs_path) if self._provabgs_path is not None
                                else in_manual_dir(provabgs.FILENAME))
+        if self.builder_config.join_properties:
+            root = (os.fspath(self._properties_path) if self._properties_path is not None
+                    else os.path.join(os.fspath(manual_dir), provabgs_mmu.DIRNAME)
+                    if manual_dir else None)
+            out.update(_properties_sources(root))
         return out
 
     def _info(self) -> tfds.core.DatasetInfo:
+        features = _common_features(astroclip_desi.IMAGE_SHAPE[0], astroclip_desi.SPECTRUM_LENGTH)
+        if self.builder_config.join_properties:  # NaN where the desi_provabgs files lack a target
+            for name in provabgs_mmu.PROPERTIES:
+                features[name] = tfds.features.Scalar(dtype=np.float32)
         return self.dataset_info_from_configs(
             description="DESI Legacy Survey g, r, z cutouts cross-matched with DESI EDR spectra "
                         "(AstroCLIP v1), optionally with PROVABGS properties.",
-            features=tfds.features.FeaturesDict(
-                _common_features(astroclip_desi.IMAGE_SHAPE[0], astroclip_desi.SPECTRUM_LENGTH)),
+            features=tfds.features.FeaturesDict(features),
             homepage="https://github.com/PolymathicAI/AstroCLIP",
             metadata=tfds.core.MetadataDict(),
         )
@@ -310,6 +337,18 @@ class AstroclipDesi(_Builder):
                                 "has_props": everything.has_props[offset:offset + n]}
                 offset += n
             self.info.metadata["provabgs_counts"] = everything.counts
+            if self.builder_config.join_properties:  # Z_MW, TAGE_MW, sSFR (data/provabgs_mmu.py)
+                root = self._find_properties(dl_manager)
+                sources.update(_properties_sources(root))
+                joined = provabgs_mmu.join(provabgs_mmu.read_properties(root),
+                                           np.concatenate(list(ids.values())))
+                offset = 0
+                for split in astroclip_desi.SPLITS:
+                    n = len(ids[split])
+                    props[split].update({name: values[offset:offset + n]
+                                         for name, values in joined.values.items()})
+                    offset += n
+                self.info.metadata["provabgs_properties_counts"] = joined.counts
         self.info.metadata["recipe"] = self.recipe(sources)
         self.info.metadata["nan_counts"] = {}
         return {split: self._generate_examples(path, split, props.get(split))
@@ -325,7 +364,7 @@ class AstroclipDesi(_Builder):
                 k = offset + j
                 if props and props["targetid"][k] != block["targetid"][j]:  # join misaligned
                     raise RuntimeError(f"PROVABGS join out of step at {split} example {k}")
-                yield f"{block['group']}_{int(block['row'][j])}", {
+                example = {
                     "image": block["image"][j],
                     "spectrum": block["spectrum"][j],
                     "targetid": block["targetid"][j],
@@ -334,6 +373,9 @@ class AstroclipDesi(_Builder):
                     "log_mstar": props["log_mstar"][k] if props else np.float32(np.nan),
                     "has_props": bool(props["has_props"][k]) if props else False,
                 }
+                if self.builder_config.join_properties:
+                    example.update({name: props[name][k] for name in provabgs_mmu.PROPERTIES})
+                yield f"{block['group']}_{int(block['row'][j])}", example
             offset += len(block["row"])
 
     def _find_file(self, dl_manager) -> str:
@@ -358,6 +400,28 @@ class AstroclipDesi(_Builder):
                 f"in the manual dir. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}"))
         return manual
 
+    def _find_properties(self, dl_manager) -> str:
+        if self._properties_path is not None:
+            return os.fspath(self._properties_path)
+        manual = _manual_file(dl_manager, provabgs_mmu.DIRNAME)
+        if manual is None:
+            raise errors.MissingInput(_one_line(
+                f"config 'provabgs_properties' needs the Multimodal Universe desi_provabgs "
+                f"files: set data.provabgs_properties_path or put them in "
+                f"{provabgs_mmu.DIRNAME}/ in the manual dir. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}"))
+        return manual
+
+
+def _properties_sources(root: str | None) -> dict:
+    """{role: path} of the desi_provabgs files at `root`, one role per file
+    ("provabgs_properties:<path under root>"), so that the recipe identifies each file."""
+    if root is None or not os.path.exists(root):
+        return {"provabgs_properties": None}
+    if os.path.isfile(root):
+        return {"provabgs_properties": root}
+    return {f"provabgs_properties:{os.path.relpath(f, root)}": f
+            for f in provabgs_mmu.find_files(root)}
+
 
 def _one_line(message: str) -> str:
     """A message as one line (errors reach the user as `error: <one line>`)."""
@@ -377,11 +441,22 @@ def builder(name: str, config, *, data_dir: str | None = None,
             file_format: str = "array_record", **kwargs):
     """The builder for `name` ("synthetic_desi" or "astroclip_desi"), writing `file_format`.
 
-    `kwargs` (provabgs_path, nan_policy, duplicate_policy) only apply to astroclip_desi.
+    `kwargs` (provabgs_path, provabgs_properties_path, nan_policy, duplicate_policy) only apply
+    to astroclip_desi.
     """
-    classes = {"synthetic_desi": SyntheticDesi, "astroclip_desi": AstroclipDesi}
+    # By name, at call time: mmu_builder derives from this module's _Builder, so a static
+    # import either way would be a circle (tests/test_import_direction.py).
+    import importlib  # pylint: disable=import-outside-toplevel
+
+    mmu_builder = importlib.import_module("astroclip_jax.data.mmu_builder")
+    classes = {"synthetic_desi": SyntheticDesi, "astroclip_desi": AstroclipDesi,
+               mmu_builder.NAME: mmu_builder.MmuPairs}
     if name not in classes:
         raise errors.ConfigError(f"unknown dataset {name!r}; expected one of {sorted(classes)}")
     if name == "synthetic_desi":
         kwargs = {}  # the synthetic set has no preparation arguments
+    if name == mmu_builder.NAME and isinstance(config, str):  # any "<bands>_<size>"
+        parsed = mmu_builder.parse_config(config)  # ConfigError for a name of no layout
+        if config not in mmu_builder.MmuPairs.builder_configs:  # tfds refuses a listed name
+            config = parsed
     return classes[name](config=config, data_dir=data_dir, file_format=file_format, **kwargs)

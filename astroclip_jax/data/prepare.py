@@ -48,7 +48,13 @@ def make_builder(data: DataSettings, data_dir: str | None = None):
     kwargs = {}
     if data.name == "astroclip_desi":
         kwargs = {"provabgs_path": data.provabgs_path, "nan_policy": data.nan_policy,
+                  "provabgs_properties_path": data.provabgs_properties_path,
                   "duplicate_policy": data.duplicate_policy}
+    elif data.name == "mmu_pairs":  # data/mmu_builder.py
+        kwargs = {"desi_dir": data.mmu_desi_dir, "legacysurvey_dir": data.mmu_legacysurvey_dir,
+                  "radius_arcsec": data.crossmatch_radius_arcsec,
+                  "provabgs_path": data.provabgs_path,  # read by its "_provabgs" configs
+                  "provabgs_properties_path": data.provabgs_properties_path}
     return builders.builder(data.name, data.builder_config, data_dir=data_dir or data.data_dir,
                             file_format="array_record", **kwargs)
 

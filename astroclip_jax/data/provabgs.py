@@ -7,6 +7,11 @@ column `X` is written as field `X` plus a boolean field `X.mask`. When no path i
 reads the first compound dataset it meets while visiting the file; so does `read_catalog`.
 
 Cuts (upstream): PROVABGS_LOGMSTAR_BF > 0 and MAG_G, MAG_R, MAG_Z > 0; NaN and masked values fail.
+
+This file gives the redshift and log M*. The other PROVABGS properties (the mass-weighted
+metallicity Z_MW and age TAGE_MW, and the SFR for sSFR = SFR / M*) are not in it: they are fits
+of the `provabgs` package, stored by the Multimodal Universe in its `desi_provabgs` files
+(`data/provabgs_mmu.py`).
 """
 
 import dataclasses

@@ -19,6 +19,7 @@ from astroclip_jax import wavelength_grids as grids
 from astroclip_jax.data import shipped_files
 from astroclip_jax.data import synthetic_images as simg
 from astroclip_jax.data import synthetic_spectra as sspec
+from astroclip_jax.data import synthetic_votes
 from astroclip_jax.data.synthetic_spectra import ABSORPTION_LINES, EMISSION_LINES, observed_wavelength  # noqa: F401
 
 BLOCK = 512  # galaxies per parameter block
@@ -100,6 +101,14 @@ def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
+ML_YOUNG = 0.4  # r-band mass-to-light ratio (solar units) of the young population
+
+
+def old_mass_to_light(age):
+    """r-band mass-to-light ratio (solar units) of the old population: 2 (age 0) to 4 (age 1)."""
+    return 2.0 + 2.0 * age
+
+
 def draw_candidates(rng, m):
     """Physical parameters of m candidate galaxies (before the flux limit), as a dict of arrays."""
     p = {}
@@ -123,11 +132,11 @@ def draw_candidates(rng, m):
     p["age"] = np.clip(0.5 + 0.3 * dm + 0.15 * rng.standard_normal(m), 0.0, 1.0)
     p["t_old"] = 4900.0 - 700.0 * p["age"]
     p["break_old"] = 0.35 + 0.2 * p["age"]
-    ml_old = 2.0 + 2.0 * p["age"]
+    ml_old = old_mass_to_light(p["age"])
     p["slope_young"] = 1.6 + 0.2 * rng.standard_normal(m)
     p["av_star"] = np.clip(0.5 + 0.4 * dm + 0.25 * rng.standard_normal(m), 0.0, 2.0) * (1.0 - quiescent)
     p["av_gas"] = 2.0 * p["av_star"]
-    ml = ml_old * (1.0 - p["f_young"]) + 0.4 * p["f_young"]
+    ml = ml_old * (1.0 - p["f_young"]) + ML_YOUNG * p["f_young"]
     abs_r = L_SUN_R_ABSMAG - 2.5 * (logm - np.log10(ml))
     # AB absolute magnitude -> L_lambda at NORM_WAVE (erg/s/A): L_nu = 4 pi (10 pc)^2 3631 Jy 10^-0.4M.
     ten_pc = 10.0 * MPC_CM / 1e6
@@ -205,6 +214,52 @@ def photometry(p):
     return p
 
 
+# ---------------------------------------------------------------------------------------------------
+# Stellar-population properties as PROVABGS reports them (Z_MW, TAGE_MW), derived without random
+# draws from the parameters above: the images and spectra do not change.
+
+GYR_S = 1e9 * 365.25 * 86400.0  # a (Julian) gigayear in seconds
+Z_SUN = 0.0142  # the Sun's metal mass fraction (Asplund et al. 2009)
+OH_SUN = 8.69  # the Sun's 12 + log(O/H) (Asplund et al. 2009)
+T_YOUNG_GYR = 0.3  # mass-weighted age of the young (star-forming) population
+
+
+def age_of_universe_gyr(z):
+    """Cosmic time at redshift z (Gyr), flat LCDM without radiation (H0 = 70, Omega_m = 0.3):
+    t(z) = 2 / (3 H0 sqrt(Omega_L)) asinh(sqrt(Omega_L / Omega_m) (1 + z)^-3/2)."""
+    omega_l = 1.0 - OMEGA_M
+    hubble_time_gyr = MPC_CM / 1e5 / H0 / GYR_S
+    return (2.0 * hubble_time_gyr / (3.0 * np.sqrt(omega_l))
+            * np.arcsinh(np.sqrt(omega_l / OMEGA_M) * (1.0 + np.asarray(z)) ** -1.5))
+
+
+def stellar_population(p):
+    """Mass-weighted stellar age and metallicity of parameter rows `p` (PROVABGS's TAGE_MW, Z_MW).
+
+    Age: the old population's formation is set by the same `age` (0..1) that sets its temperature,
+    4000 A break and M/L: it is t_old = t_U(z) (0.35 + 0.6 age) old, t_U(z) the age of the
+    universe at the galaxy's redshift; the young one is T_YOUNG_GYR old. Their mass shares follow
+    from the r-band light shares and M/L ratios (young light f_young at M/L ML_YOUNG, old light
+    1 - f_young at `old_mass_to_light(age)`), so
+        tage_mw = (1 - m_young) t_old + m_young T_YOUNG_GYR   (Gyr, < t_U(z)).
+    Metallicity: the gas-phase oxygen abundance from the galaxy's N2 = log10([NII] 6584 / Halpha)
+    (its emission lines) by the Pettini & Pagel (2004) calibration 12 + log(O/H) = 8.90 + 0.57 N2;
+    stars formed earlier from less enriched gas, so the mass-weighted stellar metallicity lies
+    below the gas by 0.1 + 0.3 age dex:
+        log_z_mw = log10(Z_SUN) + (12 + log(O/H) - OH_SUN) - (0.1 + 0.3 age)
+    (log10 of the metal mass fraction Z, as PROVABGS's Z_MW is a mass fraction).
+    """
+    age, f_young = p["age"], p["f_young"]
+    t_old = age_of_universe_gyr(p["redshift"]) * (0.35 + 0.6 * age)
+    young_mass = ML_YOUNG * f_young
+    m_young = young_mass / (old_mass_to_light(age) * (1.0 - f_young) + young_mass)
+    line = list(sspec.EMISSION_LINES)
+    n2 = np.log10(p["line_lum"][:, line.index("NII_6584")] / p["line_lum"][:, line.index("Halpha")])
+    oh_gas = 8.90 + 0.57 * n2
+    return {"tage_mw": (1.0 - m_young) * t_old + m_young * T_YOUNG_GYR,
+            "log_z_mw": np.log10(Z_SUN) + (oh_gas - OH_SUN) - (0.1 + 0.3 * age)}
+
+
 _R_NODES = np.arange(5350.0, 7450.0 + 1.0, 25.0)  # r band with its edges, for the cheap pre-selection
 PRESELECT_MARGIN = 0.15  # mag; far above the pre-selection's error (tested)
 
@@ -242,7 +297,9 @@ def parameters(n, seed=0, start=0):
     first, last = start // BLOCK, (start + n - 1) // BLOCK
     p = _concat([block_parameters(seed, b) for b in range(first, last + 1)])
     lo = start - first * BLOCK
-    return _take(p, slice(lo, lo + n))
+    p = _take(p, slice(lo, lo + n))
+    p.update(stellar_population(p))  # derived, no draws
+    return p
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,6 +313,11 @@ def spectrum_sigma(grid):
 def kpc_per_pixel(z):
     """Proper kpc spanned by one 0.262" pixel at redshift z (angular-diameter distance)."""
     return angular_diameter_distance_mpc(z) * 1e3 * simg.PIXEL_SCALE / simg.ARCSEC_PER_RAD
+
+
+def r_eff_arcsec(r_eff_kpc, z):
+    """The half-light radius on the sky (arcsec) of r_eff_kpc at redshift z."""
+    return np.asarray(r_eff_kpc, np.float64) / kpc_per_pixel(np.asarray(z, np.float64)) * simg.PIXEL_SCALE
 
 
 def noiseless_images(p, image_size):
@@ -292,7 +354,7 @@ def _render(p, seed, index, grid, image_size, return_noiseless):
 
 
 CATALOGUE_KEYS = ("redshift", "log_mstar", "log_ssfr", "bulge_fraction", "r_eff_kpc", "axis_ratio",
-                  "position_angle", "mag_g", "mag_r", "mag_z")
+                  "position_angle", "mag_g", "mag_r", "mag_z", "log_z_mw", "tage_mw")
 
 
 def generate(n: int, seed: int = 0, *, start: int = 0, grid: str = "desi", image_size: int = 152,
@@ -303,8 +365,11 @@ def generate(n: int, seed: int = 0, *, start: int = 0, grid: str = "desi", image
     in 1e-17 erg/s/cm^2/A on `grids.wave(grid)`; `ivar` (n, L); `targetid` int64; float32 `redshift`,
     `log_mstar`, `log_ssfr`, `bulge_fraction` (r-band B/T), `r_eff_kpc` (half-light semi-major axis),
     `axis_ratio`, `position_angle` (rad, major axis from the image x axis), `mag_g/r/z` (AB, of the
-    noiseless spectrum); `artefact` int8 (0 none, 1 satellite trail, 2 bright star). With
-    `return_noiseless`, also `image_noiseless` (artefacts included, no noise) and `spectrum_noiseless`.
+    noiseless spectrum), `log_z_mw` (log10 of the mass-weighted stellar metal mass fraction) and
+    `tage_mw` (mass-weighted stellar age, Gyr; both `stellar_population`); `artefact` int8 (0 none,
+    1 satellite trail, 2 bright star); Galaxy Zoo DECaLS votes, float32 `<question>_total-votes`
+    and `<question>_<answer>_fraction` (`synthetic_votes`). With `return_noiseless`, also
+    `image_noiseless` (artefacts included, no noise) and `spectrum_noiseless`.
     """
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
@@ -324,4 +389,7 @@ def generate(n: int, seed: int = 0, *, start: int = 0, grid: str = "desi", image
     for k in CATALOGUE_KEYS:
         out[k] = p[k].astype(np.float32)
     out["artefact"] = p["artefact"].astype(np.int8)
+    # Galaxy Zoo DECaLS votes from the catalogue values above, on their own random stream.
+    size = r_eff_arcsec(out["r_eff_kpc"], out["redshift"])
+    out.update(synthetic_votes.vote_columns({**out, "r_eff_arcsec": size}, seed, index))
     return out

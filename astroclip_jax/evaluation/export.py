@@ -65,8 +65,9 @@ def portable_config(config: ml_collections.ConfigDict) -> dict:
         out["model"][name]["weights"] = name  # relative to the export folder
     out["model"]["image_head"]["init_from_tower"] = False  # the heads are stored as trained
     out["model"]["heads_weights"] = None
-    for field in ("data_dir", "manual_dir", "provabgs_path"):
-        out["data"][field] = None
+    for field in out["data"]:  # where this machine keeps the data: every *_dir, *_path field
+        if field.endswith(("_dir", "_path")):
+            out["data"][field] = None
     if "feature_cache" in out:
         out["feature_cache"]["dir"] = None
     out = _without_machine_paths(out)

@@ -40,33 +40,23 @@ from astroclip_jax import settings as settings_lib
 from astroclip_jax.data import pipeline
 from astroclip_jax.errors import ConfigError, DataError
 from astroclip_jax.evaluation import knn, probe_methods, runner
+from astroclip_jax.evaluation.feature_sets import FEATURE_SETS
 
 SUPERVISED_DIR = "probe_supervised"
 # What each supervised bound sees (its rows' "features" in the table).
 SUPERVISED_INPUTS = {"image": "images_resnet", "spectrum": "spectra_spender",
                      "photometry": "magnitudes_mlp"}
 
-# Feature set -> (modality, embeddings column or "pca:<column>" or "photometry"): per modality
-# the run's embedding, then the baselines of eval_knn (frozen tower features, untrained heads,
-# PCA of the model inputs).
-FEATURE_SETS = {
-    name: (modality, source) for modality in ("image", "spectrum") for name, source in (
-        (modality, f"{modality}_embedding"),
-        (f"frozen_{modality}_features", f"{modality}_features"),
-        (f"untrained_heads_{modality}", f"untrained_{modality}_embedding"),
-        (f"pca_{modality}_inputs", f"pca:{modality}_inputs"))}
-FEATURE_SETS["photometry"] = ("photometry", "photometry")
 LABELS = {"z_hp": "redshift", "redshift": "redshift", "log_mstar": "log M*",
-          "log_ssfr": "log sSFR", "bulge_fraction": "bulge frac.", "r_eff_kpc": "r_eff",
-          "artefact": "artefact"}
+          "log_z_mw": "log Z_MW", "tage_mw": "t_age MW", "log_ssfr": "log sSFR",
+          "bulge_fraction": "bulge frac.", "r_eff_kpc": "r_eff", "artefact": "artefact"}
 
 
 # --------------------------------------------------------------------------------------------
 # Rows, features, targets
 # --------------------------------------------------------------------------------------------
 
-def labelled_rows(arrays, probe: settings_lib.ProbeSettings) -> np.ndarray:
-    """Rows with properties and a finite value of every target."""
+def _check_targets(arrays, probe: settings_lib.ProbeSettings) -> None:
     missing = [c for c in (*probe.regression_targets, *probe.classification_targets)
                if c not in arrays]
     if missing:
@@ -74,10 +64,35 @@ def labelled_rows(arrays, probe: settings_lib.ProbeSettings) -> np.ndarray:
         raise ConfigError(f"config fields probe.regression_targets/classification_targets name "
                           f"{missing}, which the embeddings file does not hold; its per-galaxy "
                           f"columns are {names}")
-    keep = np.asarray(arrays["has_props"], bool).copy()
+
+
+def labelled_rows(arrays, probe: settings_lib.ProbeSettings) -> np.ndarray:
+    """Rows with properties and a finite value of at least one target."""
+    _check_targets(arrays, probe)
+    keep = np.zeros(len(arrays["has_props"]), bool)
     for column in (*probe.regression_targets, *probe.classification_targets):
-        keep &= np.isfinite(np.asarray(arrays[column], np.float64))
-    return np.flatnonzero(keep)
+        keep |= np.isfinite(np.asarray(arrays[column], np.float64))
+    return np.flatnonzero(keep & np.asarray(arrays["has_props"], bool))
+
+
+def target_groups(arrays, probe: settings_lib.ProbeSettings, rows: np.ndarray
+                  ) -> list[tuple[settings_lib.ProbeSettings, np.ndarray]]:
+    """The targets grouped by which of `rows` have them: [(probe with that group's targets,
+    boolean mask over rows)], largest group first. A real catalogue may have redshift and
+    log M* for more galaxies than metallicity or age (two catalogues joined): each target is
+    scored on every row that has it, not only on the rows that have every target."""
+    masks: dict[bytes, list[str]] = {}
+    for column in (*probe.regression_targets, *probe.classification_targets):
+        finite = np.isfinite(np.asarray(arrays[column], np.float64)[rows])
+        masks.setdefault(finite.tobytes(), []).append(column)
+    groups = []
+    for columns in masks.values():
+        mask = np.isfinite(np.asarray(arrays[columns[0]], np.float64)[rows])
+        groups.append((dataclasses.replace(
+            probe, regression_targets=tuple(c for c in probe.regression_targets if c in columns),
+            classification_targets=tuple(c for c in probe.classification_targets
+                                         if c in columns)), mask))
+    return sorted(groups, key=lambda g: -int(g[1].sum()))
 
 
 def feature_sets(arrays, probe: settings_lib.ProbeSettings, fit_rows, query_rows, seed
@@ -165,10 +180,11 @@ def probe_features(name, fit_x, query_x, y_fit, y_query, labels_fit, labels_quer
             rows = probe_methods.few_shot_rows(len(fit_x), fraction, seed)
             n_lab = len(rows)
             x, yv = fit_x[rows], y_fit[rows]
-            ridge, _ = probe_methods.ridge_probe(x, yv, query_x, probe.ridge_alphas,
-                                          probe.val_fraction, seed)
-            mlp = probe_methods.mlp_probe(x, yv, query_x, cfg, probe.val_fraction, seed,
-                                   pad_to=len(fit_x))
+            if targets:  # a group may hold only classification targets
+                ridge, _ = probe_methods.ridge_probe(x, yv, query_x, probe.ridge_alphas,
+                                                     probe.val_fraction, seed)
+                mlp = probe_methods.mlp_probe(x, yv, query_x, cfg, probe.val_fraction, seed,
+                                              pad_to=len(fit_x))
             for t, target in enumerate(targets):
                 per.setdefault(("ridge", target, "r2"), []).append(
                     probe_methods.r2(y_query[:, t], ridge[:, t]))
@@ -242,38 +258,53 @@ def supervised_bounds(arrays, fit_rows, query_rows, y_fit, y_query, probe, run, 
 
 def evaluate(arrays, probe: settings_lib.ProbeSettings, eval_settings: settings_lib.EvalSettings,
              supervised=None, log=print) -> dict[str, Any]:
-    """Every score (`entries`), the split and the timings; `supervised(fit_rows, query_rows,
-    y_fit, y_query) -> (entries, summaries)` adds the supervised bounds."""
+    """Every score (`entries`), the split and the timings; `supervised(probe, fit_rows,
+    query_rows, y_fit, y_query) -> (entries, summaries)` adds the supervised bounds.
+
+    One seeded split of the labelled rows into fit and held-out rows (as eval_knn's); each
+    group of targets (`target_groups`) is scored on the rows of that split that have it."""
     rows = labelled_rows(arrays, probe)
     if len(rows) < 2 * max(eval_settings.knn_neighbors, 8):
-        raise DataError(f"probe: only {len(rows)} galaxies have every target "
+        raise DataError(f"probe: only {len(rows)} galaxies have a target of "
                         f"{list(probe.regression_targets + probe.classification_targets)}")
     fit_pos, query_pos = knn.holdout_split(len(rows), eval_settings.knn_holdout,
                                            eval_settings.knn_holdout_fraction, eval_settings.seed)
     fit_rows, query_rows = rows[fit_pos], rows[query_pos]
-    y = np.stack([np.asarray(arrays[c], np.float64) for c in probe.regression_targets], axis=1)
-    labels = {c: np.asarray(arrays[c]).astype(np.int64) for c in probe.classification_targets}
-    n_classes = _class_count(arrays, probe)
-    sets = feature_sets(arrays, probe, fit_rows, query_rows, eval_settings.seed)
-    timings, entries = {}, []
-    for name, (fit_x, query_x) in tqdm(sets.items(), desc="probe", unit="feature set"):
-        t0 = time.time()
-        fractions = probe.fractions if name in probe.curve_features else (1.0,)
-        entries += probe_features(
-            name, fit_x, query_x, y[fit_rows], y[query_rows],
-            {c: v[fit_rows] for c, v in labels.items()},
-            {c: v[query_rows] for c, v in labels.items()}, n_classes, probe,
-            eval_settings.knn_neighbors, fractions)
-        timings[name] = round(time.time() - t0, 1)
-    summaries = {}
-    if supervised is not None and probe.supervised:
-        t0 = time.time()
-        more, summaries = supervised(fit_rows, query_rows, y[fit_rows], y[query_rows])
-        entries += more
-        timings["supervised"] = round(time.time() - t0, 1)
+    timings, entries, summaries, groups = {}, [], {}, []
+    for group, mask in target_groups(arrays, probe, rows):
+        g_fit, g_query = fit_rows[mask[fit_pos]], query_rows[mask[query_pos]]
+        targets = [*group.regression_targets, *group.classification_targets]
+        if (len(g_fit) + len(g_query) < 2 * max(eval_settings.knn_neighbors, 8)
+                or len(g_query) == 0):  # as for all rows, above
+            log(f"probe: only {len(g_fit)} fit and {len(g_query)} held-out galaxies have "
+                f"{targets}: not scored")
+            continue
+        groups.append({"targets": targets, "n_fit": len(g_fit), "n_query": len(g_query)})
+        y = np.stack([np.asarray(arrays[c], np.float64) for c in group.regression_targets],
+                     axis=1) if group.regression_targets else np.zeros((len(arrays["index"]), 0))
+        labels = {c: np.asarray(arrays[c]).astype(np.int64)
+                  for c in group.classification_targets}
+        n_classes = _class_count(arrays, group)
+        sets = feature_sets(arrays, group, g_fit, g_query, eval_settings.seed)
+        for name, (fit_x, query_x) in tqdm(sets.items(), desc="probe", unit="feature set"):
+            t0 = time.time()
+            fractions = group.fractions if name in group.curve_features else (1.0,)
+            entries += probe_features(
+                name, fit_x, query_x, y[g_fit], y[g_query],
+                {c: v[g_fit] for c, v in labels.items()},
+                {c: v[g_query] for c, v in labels.items()}, n_classes, group,
+                eval_settings.knn_neighbors, fractions)
+            timings[name] = round(timings.get(name, 0.0) + time.time() - t0, 1)
+        if supervised is not None and group.supervised and group.regression_targets:
+            t0 = time.time()
+            more, done = supervised(group, g_fit, g_query, y[g_fit], y[g_query])
+            entries += more
+            summaries.update({k if len(groups) == 1 else f"{k}:{'+'.join(targets)}": v
+                              for k, v in done.items()})
+            timings["supervised"] = round(timings.get("supervised", 0.0) + time.time() - t0, 1)
     return {"entries": entries, "n_labelled_fit": len(fit_rows), "n_query": len(query_rows),
-            "fit_rows": fit_rows, "query_rows": query_rows, "timings_s": timings,
-            "supervised": summaries}
+            "target_groups": groups, "fit_rows": fit_rows, "query_rows": query_rows,
+            "timings_s": timings, "supervised": summaries}
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,25 +407,108 @@ def plot_few_shot(entries, probe):
 # Mode
 # --------------------------------------------------------------------------------------------
 
+def morphology_split(arrays, eval_settings: settings_lib.EvalSettings
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(fit rows, held-out rows) of the galaxies with Galaxy Zoo answers to the first question,
+    split as `evaluate` splits (one seeded split: a galaxy with properties and votes is held out
+    in both or in neither, when both sets of rows are the same)."""
+    from astroclip_jax.data import galaxy_zoo  # pylint: disable=import-outside-toplevel
+
+    root = galaxy_zoo.schema()[0].name
+    rows = np.flatnonzero(np.nan_to_num(np.asarray(
+        arrays[galaxy_zoo.total_column(root)], np.float64)) > 0)
+    if len(rows) < 2 * max(eval_settings.knn_neighbors, 8):
+        return None
+    fit_pos, query_pos = knn.holdout_split(len(rows), eval_settings.knn_holdout,
+                                           eval_settings.knn_holdout_fraction, eval_settings.seed)
+    return rows[fit_pos], rows[query_pos]
+
+
+def morphology_scores(inputs: runner.EvalInputs, log=print) -> dict[str, Any] | None:
+    """The Galaxy Zoo questions (`evaluation/morphology.py`) on `morphology.feature_sets`, and
+    the supervised image network when `probe.supervised` names "image"; None (with a line)
+    when the table has no votes or the config turns it off."""
+    from astroclip_jax.data import galaxy_zoo  # pylint: disable=import-outside-toplevel
+    from astroclip_jax.evaluation import morphology  # pylint: disable=import-outside-toplevel
+
+    morph, probe, arrays = inputs.run.morphology, inputs.run.probe, inputs.arrays
+    if morph is None or not morph.enabled:
+        return None
+    if not galaxy_zoo.has_votes(arrays, morph.labels):
+        log(f"probe: no Galaxy Zoo {morph.labels} columns in the embeddings table: no "
+            f"morphology scores (morphology.enabled=False silences this)")
+        return None
+    split = morphology_split(arrays, inputs.settings)
+    if split is None:
+        log("probe: too few galaxies with Galaxy Zoo votes: no morphology scores")
+        return None
+    fit_rows, query_rows = split
+    sets = feature_sets(arrays, dataclasses.replace(probe, feature_sets=morph.feature_sets),
+                        fit_rows, query_rows, inputs.settings.seed)
+    images = None
+    if "image" in probe.supervised:
+        images = tuple(supervised_inputs("image", arrays, rows, inputs.data,
+                                         inputs.meta["split"], probe)
+                       for rows in (fit_rows, query_rows))
+    out = morphology.evaluate_morphology(arrays, fit_rows, query_rows, sets, morph,
+                                         inputs.settings.seed, images=images, probe=probe)
+    out["n_fit"], out["n_query"] = len(fit_rows), len(query_rows)
+    return out
+
+
+def posterior_scores(inputs: runner.EvalInputs, fit_rows, query_rows, log=print
+                     ) -> dict[str, Any] | None:
+    """The flow ensembles (`evaluation/posterior.py`) of `posterior.feature_sets` for the
+    regression targets, on the probe's split; None when the config turns them off."""
+    from astroclip_jax.evaluation import posterior  # pylint: disable=import-outside-toplevel
+
+    post, probe = inputs.run.posterior, inputs.run.probe
+    if post is None or not post.enabled or not probe.regression_targets:
+        return None
+    sets = feature_sets(inputs.arrays, dataclasses.replace(probe, feature_sets=post.feature_sets),
+                        fit_rows, query_rows, inputs.settings.seed)
+    return posterior.evaluate_posteriors(inputs.arrays, fit_rows, query_rows, sets,
+                                         tuple(probe.regression_targets), post,
+                                         inputs.settings.seed, log=log)
+
+
 def report(inputs: runner.EvalInputs) -> runner.EvalResult:
-    """``--mode=probe``: score, print the table, write results.json and few_shot.png."""
+    """``--mode=probe``: score, print the tables, write results.json and the figures."""
     probe, arrays = inputs.run.probe, inputs.arrays
     t0 = time.time()
 
-    def supervised(fit_rows, query_rows, y_fit, y_query):
-        return supervised_bounds(arrays, fit_rows, query_rows, y_fit, y_query, probe, inputs.run,
+    def supervised(group, fit_rows, query_rows, y_fit, y_query):
+        return supervised_bounds(arrays, fit_rows, query_rows, y_fit, y_query, group, inputs.run,
                                  inputs.data, inputs.meta["split"],
                                  os.path.abspath(inputs.workdir), inputs.settings.seed)
 
     result = evaluate(arrays, probe, inputs.settings, supervised)
     table = format_table(result["entries"], probe)
+    lines = [table]
+    figures = {"few_shot.png": plot_few_shot(result["entries"], probe)}
+    extra = {}
+    t1 = time.time()
+    post = posterior_scores(inputs, result["fit_rows"], result["query_rows"])
+    if post is not None:
+        from astroclip_jax.evaluation import posterior  # pylint: disable=import-outside-toplevel
+        result["timings_s"]["posterior"] = round(time.time() - t1, 1)
+        figures.update(post.pop("figures"))
+        extra["posterior"] = post
+        lines.append(posterior.format_table(post["entries"]))
+    t1 = time.time()
+    morph = morphology_scores(inputs)
+    if morph is not None:
+        from astroclip_jax.evaluation import morphology  # pylint: disable=import-outside-toplevel
+        result["timings_s"]["morphology"] = round(time.time() - t1, 1)
+        figures.update(morph.pop("figures"))
+        extra["morphology"] = morph
+        lines.append(morphology.format_table(morph["entries"]))
     result["timings_s"]["total"] = round(time.time() - t0, 1)
     report = {**{k: v for k, v in result.items() if k not in ("fit_rows", "query_rows")},
-              "table": table, "probe": dataclasses.asdict(probe),
+              **extra, "table": "\n\n".join(lines), "probe": dataclasses.asdict(probe),
               "knn_neighbors": inputs.settings.knn_neighbors,
               "supervised_seed": inputs.settings.seed,
               "held_out_targetids": np.asarray(arrays["targetid"])[result["query_rows"]]}
     timing = ", ".join(f"{k} {v} s" for k, v in result["timings_s"].items())
-    return runner.EvalResult(report=report,
-                             figures={"few_shot.png": plot_few_shot(result["entries"], probe)},
-                             lines=[table, f"probe timings: {timing}"])
+    return runner.EvalResult(report=report, figures=figures,
+                             lines=[*lines, f"probe timings: {timing}"])

@@ -15,6 +15,7 @@ Variable names mirror the torch keys with "." -> "_": `conv1_0` (Conv1d), `conv1
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -57,9 +58,58 @@ def instance_norm(x: jax.Array, eps: float = _INSTANCE_NORM_EPS) -> jax.Array:
 
 
 def max_pool(x: jax.Array, size: int) -> jax.Array:
-    """torch MaxPool1d(size, padding=size // 2): stride = size, -inf padding, floor length."""
+    """torch MaxPool1d(size, padding=size // 2): stride = size, -inf padding, floor length.
+
+    The windows do not overlap (stride = size), so the gradient is written out: the position of
+    each window's first maximum (argmax over the input reshaped to (N, L_out, size, C)) gets the
+    output's gradient, as in torch and in XLA's select_and_scatter (which `nn.max_pool`'s own
+    gradient lowers to). Written out because XLA:CPU expands select_and_scatter into a scatter
+    with three int32 index arrays of the input's size: on Spender's first block (64 x 7785 x 128)
+    that was ~1.4 GB of the autoencoder step's 3.2 GB of temporaries, and most of its peak memory
+    above torch's. (A custom VJP: reverse mode only, as everything here trains with.)"""
+    return _pool_windows(x, size, x.shape[1])
+
+
+def _windows(x: jax.Array, size: int) -> jax.Array:
+    """(N, L, C) -> (N, L_out, size, C): -inf padded on the left by size // 2, on the right as
+    far as the last whole window needs (torch's floor length; it may also cut the tail)."""
+    n, length, c = x.shape
+    pad = size // 2
+    out = (length + 2 * pad - size) // size + 1
+    right = out * size - pad - length
+    x = jnp.pad(x, ((0, 0), (pad, max(right, 0)), (0, 0)), constant_values=-jnp.inf)
+    return x[:, :out * size].reshape(n, out, size, c)
+
+
+def _reduce_window_pool(x: jax.Array, size: int) -> jax.Array:
     pad = size // 2
     return nn.max_pool(x, window_shape=(size,), strides=(size,), padding=((pad, pad),))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _pool_windows(x: jax.Array, size: int, length: int) -> jax.Array:
+    # Forward alone (the frozen tower): reduce_window, the same values and the same program
+    # as before (the max over the reshaped windows was slower on XLA:CPU).
+    return _reduce_window_pool(x, size)
+
+
+def _pool_windows_fwd(x, size, length):
+    # Only the first maximum's position is kept for the backward pass (int8: 1/4 of the
+    # pooled output), not the input.
+    first = jnp.argmax(_windows(x, size), axis=2).astype(jnp.int8 if size < 128 else jnp.int32)
+    return _reduce_window_pool(x, size), first
+
+
+def _pool_windows_bwd(size, length, first, g):
+    hit = jnp.arange(size, dtype=first.dtype)[None, None, :, None] == first[:, :, None, :]
+    grad = jnp.where(hit, g[:, :, None, :], jnp.zeros((), g.dtype))
+    n, out, _, c = grad.shape
+    grad = grad.reshape(n, out * size, c)[:, size // 2:]  # drop the left padding
+    grad = grad[:, :length]  # drop the right padding, or ...
+    return (jnp.pad(grad, ((0, 0), (0, length - grad.shape[1]), (0, 0))),)  # ... restore a cut tail
+
+
+_pool_windows.defvjp(_pool_windows_fwd, _pool_windows_bwd)
 
 
 class SpectrumEncoder(nn.Module):

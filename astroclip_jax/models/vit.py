@@ -102,12 +102,16 @@ class Attention(nn.Module):
         hd = c // self.num_heads
         qkv = _dense(3 * c, self.qkv_bias, self.precision, "qkv", self.dtype)(x)
         # torch: reshape(B, N, 3, heads, hd): the 3c outputs are [q | k | v], each head-major.
-        qkv = qkv.reshape(b, n, 3, self.num_heads, hd)
-        q, k, v = qkv[:, :, 0] * (hd ** -0.5), qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=self.precision)
+        # Heads-major (3, B, heads, N, hd) before the products, so each is a plain batch of
+        # GEMMs: with the heads in the middle ("bqhd,bkhd->bhqk") XLA:CPU ran the attention
+        # about 2x slower (ViT-L/12, batch 4, 145 tokens: 18.7 vs 9.1 ms for the two products
+        # and the softmax; the whole layer with its projections 88 vs 83 ms).
+        qkv = jnp.transpose(qkv.reshape(b, n, 3, self.num_heads, hd), (2, 0, 3, 1, 4))
+        q, k, v = qkv[0] * (hd ** -0.5), qkv[1], qkv[2]
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=self.precision)
         # softmax in float32 or wider whatever the compute dtype (a no-op in float32)
         weights = jax.nn.softmax(at_least_float32(logits), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=self.precision)
+        out = jnp.einsum("bhqk,bhkd->bqhd", weights, v, precision=self.precision)
         return _dense(c, self.proj_bias, self.precision, "proj", self.dtype)(out.reshape(b, n, c))
 
 
