@@ -20,7 +20,7 @@ from configs import spender
 SMALL = settings_lib.MorphologySettings(
     enabled=True, labels="fraction", min_votes=3, min_answers=35, hidden=(32, 32, 32),
     dropout=0.2, epochs=15, learning_rate=3e-3, batch_size=64, val_fraction=0.1,
-    weighted_sampling=True, standardise=True)
+    weighted_sampling=True, standardise=True, feature_sets=("image",))
 
 
 def _fractions(rng, n, k, votes):
