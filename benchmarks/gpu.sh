@@ -18,16 +18,20 @@
 # runs past GPU_DEADLINE_S = 585 s from the start, so the whole run fits in 10 minutes):
 #   install + accelerator check   25 s  (the offline install of .whl/: about 1 s; the rest is
 #                                        importing jax and torch and finding the device)
-#   train_step                   150 s  (setup + parity, batches 512 and 64, both frameworks)
-#   embed_float32                 40 s
-#   embed_bfloat16_cache          45 s
-#   seed_scale                   110 s  (2,048 generated galaxies through the full towers'
+#   train_step                   120 s  (setup + parity, batches 512 and 64, both frameworks)
+#   train_step_bf16               75 s  (the same at batch 512, our image tower (ResNet) in
+#                                        bfloat16 (Spender has no bfloat16), torch's in float32)
+#   embed_float32                 35 s
+#   embed_bfloat16_cache          40 s
+#   seed_scale                    90 s  (2,048 generated galaxies through the full towers'
 #                                        cache views, then 80 epochs x 309 steps on 158,377 cached
-#                                        rows through training/loop.py; stops itself at 100 s
+#                                        rows through training/loop.py; stops itself at 80 s
 #                                        and extrapolates the epochs left)
-#   vit_float32, vit_bfloat16     40 s each   (ViT-L/12 forward, ours and timm, + conversion)
-#   specformer_float32/bfloat16   30 s each
-#   moco_step                     75 s  (ResNet50 MoCo v2 step at batch 128: torch, ours, ours
+#   vit_float32, vit_bfloat16     35 s each   (ViT-L/12 forward, ours and timm, + conversion)
+#   specformer_float32/bfloat16   25 s each
+#   spender_ae                    30 s  (Spender autoencoder step at full size, batch 256, ours vs
+#                                        the spender package's model on the same device)
+#   moco_step                     50 s  (ResNet50 MoCo v2 step at batch 128: torch, ours, ours
 #                                        with augmentation; last, it gets what time is left)
 # Limits are caps, not estimates; no part has run on a GPU yet. Each part has its own time limit,
 # so a slow part cannot eat the others' time; a part that fails, times out or finds no time left
@@ -177,20 +181,27 @@ if [ "$REHEARSAL" = 1 ]; then  # test sizes, torch on the CPU, limits for a 2-co
     SEED=(--size=test --galaxies=32 --rows=1024 --val-rows=200 --epochs=2 --batch=64)
     VIT=test SPEC=test TBATCH=2 ITERS=1
     LIMIT_TRAIN=300 LIMIT_MOCO=300 LIMIT_EMBED=120 LIMIT_EMBED_CACHE=120 LIMIT_SEED=180
-    LIMIT_VIT=120 LIMIT_SPEC=120
+    LIMIT_VIT=120 LIMIT_SPEC=120 LIMIT_TRAIN_BF16=300 LIMIT_SPENDER_AE=120
+    SPENDER_AE=(--sizes test --batch 8 --steps 1 --repeats 1)
 else
     DEV=cuda LABEL=gpu SIZE=full BATCHES=512,64 CACHE_N=16384 EMBED_CACHE_N=8192 CACHE_BATCH=1024
     MOCO=(--sizes resnet50 --batch-full 128 --steps 10 --augment)  # 3 compiles, not 5
     EMBED=(--size=full --batch=1024 --batches=20)
-    SEED=(--size=full --galaxies=2048 --time-limit=100)
+    SEED=(--size=full --galaxies=2048 --time-limit=80)
     VIT=vit_large_p12 SPEC=specformer TBATCH=64 ITERS=5
-    LIMIT_TRAIN=150 LIMIT_MOCO=75 LIMIT_EMBED=40 LIMIT_EMBED_CACHE=45 LIMIT_SEED=110
-    LIMIT_VIT=40 LIMIT_SPEC=30
+    LIMIT_TRAIN=120 LIMIT_MOCO=50 LIMIT_EMBED=35 LIMIT_EMBED_CACHE=40 LIMIT_SEED=90
+    LIMIT_VIT=35 LIMIT_SPEC=25 LIMIT_TRAIN_BF16=75 LIMIT_SPENDER_AE=30
+    SPENDER_AE=(--sizes spender --batch 256 --steps 10 --repeats 1)
 fi
 
 J="$RESULTS/train_step-$LABEL.json"
 part train_step $LIMIT_TRAIN "$J" "$PY" benchmarks/train_step.py --size=$SIZE --batches=$BATCHES \
     --steps=10 --warmup=2 --cache-n=$CACHE_N --torch-device=$DEV --out="$J"
+# Our image tower in bfloat16 (batch 512 only; torch's step stays float32, said in the JSON).
+J="$RESULTS/train_step-$LABEL-bfloat16.json"
+part train_step_bf16 $LIMIT_TRAIN_BF16 "$J" "$PY" benchmarks/train_step.py --size=$SIZE \
+    --batches=${BATCHES%%,*} --steps=10 --warmup=2 --cache-n=$CACHE_N --torch-device=$DEV \
+    --image-dtype=bfloat16 --out="$J"
 J="$RESULTS/embed_throughput-$LABEL-float32.json"
 part embed_float32 $LIMIT_EMBED "$J" "$PY" benchmarks/embed_throughput.py "${EMBED[@]}" \
     --dtype=float32 --cache-n=0 --out="$J"
@@ -209,6 +220,9 @@ for dtype in float32 bfloat16; do
     part specformer_$dtype $LIMIT_SPEC "$J" "$PY" benchmarks/specformer_forward.py --sizes $SPEC \
         --batch=$((2 * TBATCH)) --steps=$ITERS --dtype=$dtype --out="$J"
 done
+J="$RESULTS/spender_autoencoder_step-$LABEL.json"
+part spender_ae $LIMIT_SPENDER_AE "$J" "$PY" benchmarks/spender_autoencoder_step.py \
+    "${SPENDER_AE[@]}" --torch-device=$DEV --out="$J"
 part moco_step $LIMIT_MOCO "$RESULTS/moco_step-$LABEL.json" "$PY" benchmarks/moco_step.py \
     "${MOCO[@]}" --torch-device=$DEV --label $LABEL --results="$RESULTS"
 

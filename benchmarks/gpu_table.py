@@ -40,6 +40,8 @@ def _row(part: str, ours: str, torch: str = "-", ratio: Any = None, mem: str = "
 def _train_step(name: str, d: dict) -> list[Row]:
     b = str(d["batches"][0])
     s, raw = d["summary"][b], d["raw"][b]
+    if d.get("image_dtype", "float32") != "float32":  # ours' ResNet in bfloat16, torch float32
+        b += f" (image tower {d['image_dtype']}, torch {d.get('torch_dtype', 'float32')})"
     device = s.get("jax_device_peak_mib") is not None
     mem = (_mem(s.get("jax_device_peak_mib"), s.get("torch_device_peak_mib")) if device
            else _mem(s.get("jax_maxrss_mib"), s.get("torch_maxrss_mib"), host=True))
@@ -95,6 +97,16 @@ def _specformer(name: str, d: dict) -> list[Row]:
                  j["spectra_per_s"] / t["spectra_per_s"], mem, j.get("compile_s"))]
 
 
+def _spender_ae(name: str, d: dict) -> list[Row]:
+    row = d["rows"][-1]  # the largest size asked for
+    device = "jax_device_peak_mb" in row
+    mem = (_mem(row.get("jax_device_peak_mb"), row.get("torch_device_peak_mb")) if device
+           else _mem(row.get("jax_peak_mb"), row.get("torch_peak_mb"), host=True))
+    return [_row(f"{name} {row['label']} b{row['batch']}", f"{row['jax_spectra_per_s']:,.1f} spectra/s",
+                 _num(row["torch_spectra_per_s"]), row["jax_over_torch"], mem,
+                 row.get("jax_compile_and_first_s"))]
+
+
 def _seed_scale(name: str, d: dict) -> list[Row]:
     c = d["cache"]
     done = "" if d["complete"] else f" (est. from {d['epochs_done']}/{d['epochs']} epochs)"
@@ -107,6 +119,7 @@ def _seed_scale(name: str, d: dict) -> list[Row]:
 READERS: dict[str, Callable[[str, dict], list[Row]]] = {
     "train_step": _train_step, "moco_step": _moco, "embed_throughput": _embed,
     "vit_forward": _vit, "specformer_forward": _specformer, "seed_scale": _seed_scale,
+    "spender_autoencoder_step": _spender_ae,
 }
 
 

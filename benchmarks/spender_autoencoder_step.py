@@ -1,7 +1,7 @@
 """Our Spender autoencoder train step vs the `spender` package's model doing the same step.
 
     python benchmarks/spender_autoencoder_step.py [--sizes small spender] [--batch 64] [--steps 5]
-        [--repeats 2] [--out benchmarks/results/spender_autoencoder_step.json]
+        [--repeats 2] [--torch-device cpu|cuda|auto] [--out benchmarks/results/spender_autoencoder_step.json]
 
 For each size (encoder `models.spender.SIZES`, decoder `DECODER_SIZES`, DESI grid, restframe
 9780): a `spender.SpectrumAutoencoder` with random weights is saved as a hub file and converted
@@ -72,18 +72,21 @@ def _batch(batch: int):
     return y, w, z
 
 
-def run_torch(hub: str, size: str, batch: int, steps: int) -> dict:
+def run_torch(hub: str, size: str, batch: int, steps: int, device: str = "cpu") -> dict:
     import spender
     import torch
 
     from astroclip_jax import wavelength_grids
 
     torch.set_num_threads(os.cpu_count())
-    instrument = spender.Instrument(torch.from_numpy(wavelength_grids.desi_wave()))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    instrument = spender.Instrument(torch.from_numpy(wavelength_grids.desi_wave())).to(device)
     model = _torch_model(size)
     model.load_state_dict(torch.load(hub, weights_only=True)["model"][0])
+    model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
-    y, w, z = map(torch.from_numpy, _batch(batch))
+    y, w, z = (torch.from_numpy(a).to(device) for a in _batch(batch))
 
     losses = []
 
@@ -93,10 +96,10 @@ def run_torch(hub: str, size: str, batch: int, steps: int) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss))  # waits for the step (on a GPU too)
 
     out = measure.timed_calls(step, steps)
-    return {"loss": losses[0], **out, "threads": torch.get_num_threads(),
+    return {"loss": losses[0], **out, "threads": torch.get_num_threads(), "device": device,
             "version": torch.__version__, **measure.peak_mb()}
 
 
@@ -131,7 +134,7 @@ def run_jax(tower: str, batch: int, steps: int) -> dict:
 
 
 def _child(args) -> None:
-    out = (run_torch(args.hub, args.size, args.batch, args.steps) if args.framework == "torch"
+    out = (run_torch(args.hub, args.size, args.batch, args.steps, args.torch_device) if args.framework == "torch"
            else run_jax(args.tower, args.batch, args.steps))
     print(json.dumps(out))
 
@@ -145,6 +148,7 @@ def main() -> None:
                         help="torch and JAX children run alternately this many times each")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                      "spender_autoencoder_step.json"))
+    parser.add_argument("--torch-device", default="cpu", help="cpu | cuda | auto (torch's side)")
     parser.add_argument("--framework", choices=("jax", "torch"))  # internal: one child
     parser.add_argument("--size"), parser.add_argument("--hub"), parser.add_argument("--tower")
     args = parser.parse_args()
@@ -165,7 +169,8 @@ def main() -> None:
                 for fw in ("torch", "jax"):
                     cmd = [sys.executable, os.path.abspath(__file__), f"--framework={fw}",
                            f"--size={size}", f"--hub={hub}", f"--tower={tower}",
-                           f"--batch={args.batch}", f"--steps={args.steps}"]
+                           f"--batch={args.batch}", f"--steps={args.steps}",
+                           f"--torch-device={args.torch_device}"]
                     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
                     runs[fw].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             # Every run's timed steps pooled (median over all); the largest peak; the first compile.
@@ -175,7 +180,7 @@ def main() -> None:
             # The same step: the first losses (same weights, same batch) agree.
             np.testing.assert_allclose(results["jax"]["loss"], results["torch"]["loss"], rtol=1e-5)
             row = {"label": size, "batch": args.batch, "steps": args.steps,
-                   "repeats": args.repeats, "loss": results["jax"]["loss"],
+                   "repeats": args.repeats, "torch_device": results["torch"]["device"], "loss": results["jax"]["loss"],
                    **measure.compare(results, args.batch, "spectrum", "spectra"),
                    "jax_over_torch_peak": round(results["jax"]["peak_mb"]
                                                 / results["torch"]["peak_mb"], 3)}

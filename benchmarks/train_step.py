@@ -64,8 +64,10 @@ def _maxrss_mib() -> float:
 # ---------------------------------------------------------------- shared set-up
 
 
-def jax_config(size: str, towers: dict[str, str], augment: dict[str, Any]):
-    """configs/spender.py with the benchmark's towers, heads, crop and augmentation."""
+def jax_config(size: str, towers: dict[str, str], augment: dict[str, Any],
+               image_dtype: str = "float32"):
+    """configs/spender.py with the benchmark's towers, heads, crop and augmentation; the image
+    tower (ResNet) computes in `image_dtype` (Spender has no bfloat16: settings.compute_dtype_of)."""
     from benchmarks import torch_baseline as tb
     from configs import spender as spender_config
 
@@ -75,6 +77,7 @@ def jax_config(size: str, towers: dict[str, str], augment: dict[str, Any]):
     c.data.image_crop = s["crop"]
     c.model.image_tower.weights = towers["image"]
     c.model.spectrum_tower.weights = towers["spectrum"]
+    c.model.image_tower.dtype = image_dtype
     c.model.image_head.hidden = (s["head_hidden"],)
     c.model.image_head.out = s["head_out"]
     c.model.image_head.init_from_tower = True
@@ -107,7 +110,8 @@ def jax_batch(images, spectra) -> dict[str, Any]:
             "spectrum_scale": np.ones((len(spectra),), np.float32)}
 
 
-def build_jax(size: str, towers: dict[str, str], augment: dict[str, Any]):
+def build_jax(size: str, towers: dict[str, str], augment: dict[str, Any],
+              image_dtype: str = "float32"):
     """(settings, model, tx, params, state, frozen) of our model on the converted towers."""
     import jax
 
@@ -115,7 +119,7 @@ def build_jax(size: str, towers: dict[str, str], augment: dict[str, Any]):
     from astroclip_jax.models import astroclip, partition
     from astroclip_jax.training import optimizer
 
-    run = settings_lib.resolve(jax_config(size, towers, augment))
+    run = settings_lib.resolve(jax_config(size, towers, augment, image_dtype))
     model, params = astroclip.build(run.model, jax.random.PRNGKey(0))
     trainable, frozen = partition.partition(params, run.train.trainable)
     tx = optimizer.make_optimizer(run.train)
@@ -273,7 +277,8 @@ def worker_jax(args) -> dict[str, Any]:
     from astroclip_jax.training import augment, feature_store, steps
 
     b = args.batch
-    run, model, tx, params, state, frozen = build_jax(args.size, _tower_dirs(args.workdir), AUGMENT)
+    run, model, tx, params, state, frozen = build_jax(args.size, _tower_dirs(args.workdir), AUGMENT,
+                                                       args.image_dtype)
     del params
     dev = jax.devices()[0]
     images, spectra = make_inputs(args.size, b)
@@ -420,7 +425,8 @@ def _run_worker(args, worker: str, batch: int | None = None) -> dict[str, Any]:
            f"--workdir={args.workdir}", f"--out={out}", f"--steps={args.steps}",
            f"--warmup={args.warmup}", f"--torch-device={args.torch_device}",
            f"--parity-batch={args.parity_batch}", f"--cache-n={args.cache_n}",
-           f"--cache-views={args.cache_views}", f"--parts={args.parts}"]
+           f"--cache-views={args.cache_views}", f"--parts={args.parts}",
+           f"--image-dtype={args.image_dtype}"]
     if batch is not None:
         cmd.append(f"--batch={batch}")
     env = dict(os.environ)
@@ -510,6 +516,8 @@ def main(argv=None) -> None:
                    help="cached: only the heads-only steps (no towers, online step, augmentation)")
     p.add_argument("--repeats", type=int, default=1,
                    help="JAX and torch workers run alternately this many times per batch (medians)")
+    p.add_argument("--image-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="our image tower's compute dtype (parity always float32; torch stays float32)")
     p.add_argument("--workdir", default=None, help="weights live here (default: a temporary dir)")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/...)")
     p.add_argument("--worker", default=None, choices=("setup", "jax", "torch"), help=argparse.SUPPRESS)
@@ -549,6 +557,10 @@ def main(argv=None) -> None:
     platform_name = raw[batches[0]]["jax"]["platform"]
     result = {
         "benchmark": "train_step", "size": args.size, "batches": batches, "parts": args.parts,
+        "image_dtype": args.image_dtype,
+        # torch's step stays float32 (autocast would also cast Spender and the heads, which ours
+        # keeps float32): a bfloat16 row is ours-bfloat16 against torch-float32.
+        "torch_dtype": "float32",
         "repeats": args.repeats,
         "steps": args.steps, "warmup": args.warmup, "parity": parity, "summary": rows, "raw": raw,
         "meta": {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version(),
