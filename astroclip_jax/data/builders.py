@@ -391,24 +391,26 @@ class AstroclipDesi(_Builder):
             ) from err
 
     def _find_provabgs(self, dl_manager) -> str:
-        if self._provabgs_path is not None:
-            return os.fspath(self._provabgs_path)
-        manual = _manual_file(dl_manager, provabgs.FILENAME)
-        if manual is None:
-            raise errors.MissingInput(_one_line(
-                f"config 'provabgs' needs {provabgs.FILENAME}: set data.provabgs_path or put it "
-                f"in the manual dir. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}"))
-        return manual
+        return self._given_or_manual(
+            dl_manager, self._provabgs_path, provabgs.FILENAME,
+            f"config 'provabgs' needs {provabgs.FILENAME}: set data.provabgs_path or put it "
+            f"in the manual dir.")
 
     def _find_properties(self, dl_manager) -> str:
-        if self._properties_path is not None:
-            return os.fspath(self._properties_path)
-        manual = _manual_file(dl_manager, provabgs_mmu.DIRNAME)
+        return self._given_or_manual(
+            dl_manager, self._properties_path, provabgs_mmu.DIRNAME,
+            f"config 'provabgs_properties' needs the Multimodal Universe desi_provabgs "
+            f"files: set data.provabgs_properties_path or put them in "
+            f"{provabgs_mmu.DIRNAME}/ in the manual dir.")
+
+    def _given_or_manual(self, dl_manager, given, name: str, missing: str) -> str:
+        """The path a config field gives, else `name` in the manual dir, else one line."""
+        if given is not None:
+            return os.fspath(given)
+        manual = _manual_file(dl_manager, name)
         if manual is None:
             raise errors.MissingInput(_one_line(
-                f"config 'provabgs_properties' needs the Multimodal Universe desi_provabgs "
-                f"files: set data.provabgs_properties_path or put them in "
-                f"{provabgs_mmu.DIRNAME}/ in the manual dir. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}"))
+                f"{missing} {self.MANUAL_DOWNLOAD_INSTRUCTIONS}"))
         return manual
 
 
