@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,20 +91,6 @@ def scores(fractions: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------- the MLP
 
-class MorphologyMLP(nn.Module):
-    """D -> (Dense, dropout, ReLU) per hidden width -> Dense(K) logits (softmax outside)."""
-
-    hidden: tuple[int, ...]
-    out: int
-    dropout: float
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        for width in self.hidden:
-            x = nn.relu(nn.Dropout(self.dropout, deterministic=not train)(nn.Dense(width)(x)))
-        return nn.Dense(self.out)(x)
-
-
 def _loss(module, params, x, y, w, rng=None):
     """Weighted mean soft-label cross-entropy of softmax(logits) against the fractions."""
     if rng is None:
@@ -144,11 +129,6 @@ def _probabilities(module, params, x):
     return jax.nn.softmax(module.apply(params, x, train=False), axis=-1)
 
 
-@functools.lru_cache(maxsize=None)
-def _adam(learning_rate: float) -> optax.GradientTransformation:
-    return optax.adam(learning_rate)  # one object per rate: a static argument of `_steps`
-
-
 def train_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_query: np.ndarray,
                   settings: settings_lib.MorphologySettings, seed: int,
                   pad_to: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -169,10 +149,12 @@ def train_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_query: np.ndarray,
     xv = jnp.asarray(_pad(x_fit[va], rows), jnp.float32)
     yv = jnp.asarray(_pad(y_fit[va], rows), jnp.float32)
     wv = jnp.asarray(np.arange(rows) < len(va), jnp.float32)
-    module = MorphologyMLP(tuple(settings.hidden), k, settings.dropout)
+    # probe_methods' MLP: (Dense, ReLU, dropout) per hidden width -> Dense(K) logits, softmax
+    # outside (dropout after the ReLU equals before it: it only zeroes or scales by 1/keep)
+    module = probe_methods.ProbeMLP(tuple(settings.hidden), k, settings.dropout)
     key = jax.random.PRNGKey(seed)
     params = module.init(jax.random.fold_in(key, 0), x_dev[:1], train=False)
-    tx = _adam(settings.learning_rate)
+    tx = probe_methods._adam(settings.learning_rate)  # one object per rate (static arg)
     opt_state = tx.init(params)
     batch = settings.batch_size
     steps = -(-rows // batch)  # enough steps for `rows` rows, in calls of `per_call` steps
