@@ -6,7 +6,8 @@
 For each size (`models.specformer.SIZES`; default the released 768 x 6 on DESI's 7781 pixels):
 the torch SpecFormer of `benchmarks/torch_specformer.py` (torch.nn pieces, upstream's names) gets
 random weights, its state_dict is converted by `converters.specformer`, and each framework runs
-the same batch (tokenisation included: flux in, embedding out) in its own subprocess, so its
+the same batch (tokenisation included: flux in, embedding out; ours through
+`towers.features`, as embedding and the feature cache run it) in its own subprocess, so its
 peak resident memory (VmHWM, `measure.peak_mb`) is its own. Torch: eval, no_grad, on the CPU.
 The embeddings of both are checked equal (1e-4 relative; `--dtype bfloat16`, both frameworks in
 bfloat16 with float32 parameters on our side: every token's cosine similarity >= 0.999) before
@@ -72,7 +73,8 @@ def run_jax(tower: str, batch: int, steps: int, dump: str, dtype: str) -> dict:
     from astroclip_jax.models import towers
 
     module, variables, _ = towers.load_tower_module(tower, kind="specformer", dtype=dtype)
-    apply = jax.jit(module.apply)
+    # the product's frozen forward (`towers.features`: on a CPU, the batch in blocks)
+    apply = jax.jit(lambda v, x: towers.features("specformer", module, v, x))
     x = jax.device_put(_batch(batch))
 
     def step(t: int) -> float:

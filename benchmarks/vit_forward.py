@@ -95,8 +95,9 @@ def run_jax(args) -> dict:
     module, variables, weights = towers.load_tower_module(args.weights, kind="dinov2_vit",
                                                           dtype=args.dtype)
     x = jnp.asarray(_images(args.batch, weights.config["img_size"]))
-    method = "cls_embedding" if args.path == "cls" else "__call__"
-    fwd = jax.jit(functools.partial(module.apply, method=method))
+    fwd = jax.jit(functools.partial(module.apply, method="cls_embedding") if args.path == "cls"
+                  # the product's frozen forward, as embedding and the feature cache run it
+                  else lambda v, x: towers.features("dinov2_vit", module, v, x))
 
     def forward():
         return jax.block_until_ready(fwd(variables, x))

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from astroclip_jax.models import transformer_ops
 from astroclip_jax.models.precision import at_least_float32
 
 # The released model (configs/specformer.yaml: 22 -> 768, 6 layers, 6 heads, max_len 800) and
@@ -123,7 +124,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        h = nn.gelu(_dense(self.hidden, self.dtype, "encoder")(x), approximate=False)
+        h = transformer_ops.gelu_exact(_dense(self.hidden, self.dtype, "encoder")(x))
         y = _dense(x.shape[-1], self.dtype, "decoder")(h)
         return nn.Dropout(self.dropout, deterministic=not train)(y)
 
@@ -139,15 +140,12 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         b, t, d = x.shape
-        q, k, v = jnp.split(_dense(3 * d, self.dtype, "attention")(x), 3, axis=-1)
-        heads = lambda a: a.reshape(b, t, self.num_heads, d // self.num_heads)
+        q, k, v = transformer_ops.split_heads(_dense(3 * d, self.dtype, "attention")(x),
+                                              self.num_heads)
         dropout_rng = self.make_rng("dropout") if train and self.dropout > 0 else None
-        y = nn.dot_product_attention(heads(q), heads(k), heads(v), dropout_rng=dropout_rng,
-                                     dropout_rate=self.dropout, deterministic=not train,
-                                     # softmax in float32 under bfloat16 (it would make
-                                     # float64 float32, so only then)
-                                     force_fp32_for_softmax=jnp.dtype(q.dtype).itemsize < 4)
-        y = _dense(d, self.dtype, "projection")(y.reshape(b, t, d))
+        y = transformer_ops.attend(q * ((d // self.num_heads) ** -0.5), k, v,
+                                   dropout_rng=dropout_rng, dropout_rate=self.dropout)
+        y = _dense(d, self.dtype, "projection")(y)
         return nn.Dropout(self.dropout, deterministic=not train)(y)
 
 

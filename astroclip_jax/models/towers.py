@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,15 +32,25 @@ class Kind:
     tokens: bool = False
     # The module has a `dtype` field: its compute dtype can be bfloat16 (parameters float32).
     compute_dtype: bool = True
+    # On one CPU device, `features` runs the batch this many galaxies at a time (None: all at
+    # once): each layer's activations then stay in cache. Measured, features per second against
+    # the whole batch at once (2-core Xeon, float32): ResNet50 batch 32 at 144 px 1.11x in
+    # blocks of 8, Spender batch 32 1.07x in 4s, SpecFormer (778 tokens) batch 16 1.37x one by
+    # one (2.04 -> 2.85 spectra/s; blocks of 2: 2.77); the ViT-L/12's 145 tokens gain nothing
+    # (batch 8 in blocks of 4: 0.97x).
+    cpu_block: int | None = None
 
 
 KINDS = {
-    "resnet": Kind("astroclip_jax.models.resnet:ResNet", "image", own_head=r"fc_\d+"),
+    "resnet": Kind("astroclip_jax.models.resnet:ResNet", "image", own_head=r"fc_\d+",
+                   cpu_block=8),
     "spender": Kind("astroclip_jax.models.spender:SpectrumEncoder", "spectrum",
-                    (("features_only", True),), own_head=r"mlp_\d+", compute_dtype=False),
+                    (("features_only", True),), own_head=r"mlp_\d+", compute_dtype=False,
+                    cpu_block=4),
     "dinov2_vit": Kind("astroclip_jax.models.vit:VisionTransformer", "image",
                        own_head=r"fc_\d+", tokens=True),  # the head pretrain_moco adds
-    "specformer": Kind("astroclip_jax.models.specformer:SpecFormer", "spectrum", tokens=True),
+    "specformer": Kind("astroclip_jax.models.specformer:SpecFormer", "spectrum", tokens=True,
+                       cpu_block=1),
 }
 
 
@@ -72,9 +82,31 @@ def example_input(kind: str, image_size: int, spectrum_length: int) -> tuple[int
 
 def features(kind: str, module: nn.Module, variables: Mapping[str, Any], x: jax.Array
              ) -> jax.Array:
-    """AstroCLIP's features of a tower: pooled (N, D), or tokens (N, T, D) (`Kind.tokens`)."""
-    out = module.apply(variables, x, **dict(kind_of(kind).feature_args))
-    return out["features"] if isinstance(out, Mapping) else out
+    """AstroCLIP's features of a tower: pooled (N, D), or tokens (N, T, D) (`Kind.tokens`).
+
+    On a single CPU device the batch goes through in blocks of `Kind.cpu_block` galaxies (the
+    same arithmetic per galaxy, faster there; see `Kind`); on an accelerator, or when the
+    computation may be spread over several devices (a block loop would run on every device),
+    the whole batch at once.
+    """
+    def whole(batch: jax.Array) -> jax.Array:
+        out = module.apply(variables, batch, **dict(kind_of(kind).feature_args))
+        return out["features"] if isinstance(out, Mapping) else out
+
+    block = kind_of(kind).cpu_block
+    if block is None or x.shape[0] < 2 * block or jax.device_count() > 1:
+        return whole(x)
+    return jax.lax.platform_dependent(x, cpu=lambda b: in_blocks(whole, b, block),
+                                      default=whole)
+
+
+def in_blocks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, block: int) -> jax.Array:
+    """fn(x) for a row-wise `fn`, computed `block` rows at a time (`lax.map`; a last partial
+    block is computed on its own)."""
+    n = x.shape[0] // block * block
+    head = jax.lax.map(fn, x[:n].reshape(n // block, block, *x.shape[1:]))
+    out = head.reshape(n, *head.shape[2:])
+    return out if n == x.shape[0] else jnp.concatenate([out, fn(x[n:])])
 
 
 def pooled(features_: jax.Array) -> jax.Array:
