@@ -148,6 +148,21 @@ def test_bad_files_are_one_line_errors_naming_file_and_key(tmp_path, files):
         mmu.check_wavelength("x.hdf5", shifted, grids.wave("desi"))
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not_hdf5", "missing"])
+def test_unreadable_files_are_one_line_errors_naming_the_file(tmp_path, files, damage):
+    whole = open(files["desi"][0], "rb").read()
+    path = str(tmp_path / "partition.hdf5")
+    if damage == "truncated":  # opens, but the data chunks are gone
+        open(path, "wb").write(whole[: len(whole) // 2])
+    elif damage == "not_hdf5":
+        open(path, "wb").write(b"<html>404 Not Found</html>")
+    expected = MissingInput if damage == "missing" else DataError
+    for read in (mmu.read_desi, mmu.read_catalog, mmu.columns, mmu.read_positions):
+        with pytest.raises(expected) as err:
+            read(path)
+        assert path in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
 def _build(tmp_path, files, ls_key, config):
     b = builders.builder(mmu_builder.NAME, config, data_dir=str(tmp_path / "tfds"),
                          desi_dir=os.path.join(files["root"], "dr1_main"),

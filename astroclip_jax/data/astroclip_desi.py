@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from astroclip_jax import errors
+from astroclip_jax.data import hdf5_files
 
 FILENAME = "astroclip_desi.1.1.5.h5"
 URL = "https://users.flatironinstitute.org/~flanusse/astroclip_desi.1.1.5.h5"
@@ -75,14 +76,7 @@ def split_range(n: int, split: str) -> tuple[int, int]:
 
 def open_file(path: str) -> h5py.File:
     """Open the file read-only, with a clear error for a missing or truncated file."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise errors.MissingInput(f"AstroCLIP file {path!r} does not exist")
-    try:
-        return h5py.File(path, "r")
-    except OSError as err:
-        raise AstroclipFileError(f"AstroCLIP file {path!r} is not a readable HDF5 file "
-                                 f"(truncated or corrupt download?): {err}") from err
+    return hdf5_files.open_hdf5(path, "AstroCLIP file", AstroclipFileError)
 
 
 def inspect(path: str, groups=GROUPS) -> dict:
@@ -277,12 +271,9 @@ def _check_group(handle: h5py.File, path: str, group: str) -> int:
 
 
 def _read(dataset: h5py.Dataset, path: str, group: str, name: str, lo: int, hi: int):
-    try:
-        return dataset[lo:hi]
-    except OSError as err:  # a truncated file opens but fails when a missing chunk is read
-        raise AstroclipFileError(f"AstroCLIP file {path!r}, group {group!r}, dataset {name!r}: "
-                                 f"cannot read rows {lo}..{hi - 1} (truncated file?): "
-                                 f"{err}") from err
+    return hdf5_files.read_dataset(
+        dataset, f"AstroCLIP file {path!r}, group {group!r}, dataset {name!r}, rows "
+        f"{lo}..{hi - 1}", slice(lo, hi), AstroclipFileError)
 
 
 def _handle_non_finite(block: dict, field: str, nan_policy: str, path: str, counts: dict):

@@ -43,6 +43,7 @@ import re
 import h5py
 import numpy as np
 
+from astroclip_jax.data import hdf5_files
 from astroclip_jax.errors import DataError, MissingInput
 
 NSIDE = 16  # the writers' HEALPix resolution (nested)
@@ -122,13 +123,14 @@ def _read(ds: h5py.Dataset, rows: np.ndarray | None, n: int) -> np.ndarray:
     if ds.shape[:1] != (n,):
         raise DataError(f"{ds.file.filename}: dataset {ds.name.lstrip('/')!r} has shape "
                         f"{ds.shape}; expected {n} rows (as object_id)")
+    where = f"Multimodal Universe file {ds.file.filename!r}, dataset {ds.name.lstrip('/')!r}"
     if rows is None:
-        return ds[()]
+        return hdf5_files.read_dataset(ds, where)
     if rows.size == 0:
         return ds[0:0]
     # h5py wants increasing, unique indices: read those, then put them in the order asked.
     uniq, inverse = np.unique(rows, return_inverse=True)
-    return ds[uniq][inverse]
+    return hdf5_files.read_dataset(ds, where, uniq)[inverse]
 
 
 def _check_rows(path: str, rows, n: int) -> np.ndarray | None:
@@ -144,15 +146,19 @@ def _check_rows(path: str, rows, n: int) -> np.ndarray | None:
     return rows.astype(np.int64)
 
 
+def _open(path: str) -> h5py.File:
+    return hdf5_files.open_hdf5(path, "Multimodal Universe file")
+
+
 def columns(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{dataset name: (shape, dtype)} of a file, as h5py reports them."""
-    with h5py.File(path, "r") as f:
+    with _open(path) as f:
         return {k: (v.shape, v.dtype) for k, v in f.items() if isinstance(v, h5py.Dataset)}
 
 
 def read_columns(path: str, keys, rows=None) -> dict[str, np.ndarray]:
     """The datasets `keys` of one file, for `rows` (None: all), exactly as h5py reads them."""
-    with h5py.File(path, "r") as f:
+    with _open(path) as f:
         n = _rows_of(f)
         rows = _check_rows(path, rows, n)
         return {k: _read(_dataset(f, k), rows, n) for k in keys}
@@ -160,7 +166,7 @@ def read_columns(path: str, keys, rows=None) -> dict[str, np.ndarray]:
 
 def read_catalog(path: str, keys=None, rows=None) -> dict[str, np.ndarray]:
     """The catalogue of one file: every 1-D dataset (one value per row), or those named."""
-    with h5py.File(path, "r") as f:
+    with _open(path) as f:
         if keys is None:
             keys = [k for k, v in f.items() if isinstance(v, h5py.Dataset) and v.ndim == 1]
     return read_columns(path, keys, rows)

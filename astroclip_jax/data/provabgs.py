@@ -21,7 +21,8 @@ import os
 import h5py
 import numpy as np
 
-from astroclip_jax.errors import DataError, MissingInput
+from astroclip_jax.data import hdf5_files
+from astroclip_jax.errors import DataError
 
 FILENAME = "BGS_ANY_full.provabgs.sv3.v0.hdf5"
 DEFAULT_TABLE_PATH = "__astropy_table__"
@@ -52,20 +53,10 @@ class Join:
 def read_catalog(path: str, table_path: str | None = None) -> Catalog:
     """Read the catalogue table at `path` and apply the upstream cuts."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise MissingInput(f"PROVABGS catalogue {path!r} does not exist")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as err:
-        raise DataError(f"PROVABGS catalogue {path!r} is not a readable HDF5 file "
-                        f"(truncated or corrupt?): {err}") from err
-    with handle:
+    with hdf5_files.open_hdf5(path, "PROVABGS catalogue") as handle:
         name = _find_table(handle, path, table_path)
-        try:
-            table = handle[name][()]
-        except OSError as err:  # a truncated file opens but fails when a missing chunk is read
-            raise DataError(f"PROVABGS catalogue {path!r}, table {name!r}: cannot be read "
-                            f"(truncated file?): {err}") from err
+        table = hdf5_files.read_dataset(handle[name],
+                                        f"PROVABGS catalogue {path!r}, table {name!r}")
     fields = table.dtype.names or ()
     missing = [c for c in COLUMNS if c not in fields]
     if missing:

@@ -32,6 +32,7 @@ import os
 import h5py
 import numpy as np
 
+from astroclip_jax.data import hdf5_files
 from astroclip_jax.errors import DataError, MissingInput
 
 DIRNAME = "desi_provabgs"  # where the files are looked for in the manual dir
@@ -138,22 +139,14 @@ def join(properties: Properties, targetids: np.ndarray) -> Join:
 
 def _read_file(path: str) -> dict:
     """object_id (int64) and the COLUMNS (float64) of one file, checked."""
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as err:
-        raise DataError(f"desi_provabgs file {path!r} is not a readable HDF5 file "
-                        f"(truncated or corrupt?): {err}") from err
-    with handle:
+    with hdf5_files.open_hdf5(path, "desi_provabgs file") as handle:
         missing = [c for c in (ID_COLUMN, *COLUMNS)
                    if c not in handle or not isinstance(handle[c], h5py.Dataset)]
         if missing:
             raise DataError(f"desi_provabgs file {path!r}: missing dataset(s) {missing}; "
                             f"found {sorted(handle.keys())}")
-        try:
-            raw = {c: handle[c][()] for c in (ID_COLUMN, *COLUMNS)}
-        except OSError as err:  # a truncated file opens but fails when a missing chunk is read
-            raise DataError(f"desi_provabgs file {path!r}: cannot be read (truncated file?): "
-                            f"{err}") from err
+        raw = {c: hdf5_files.read_dataset(handle[c], f"desi_provabgs file {path!r}, dataset {c!r}")
+               for c in (ID_COLUMN, *COLUMNS)}
     if np.ndim(raw[ID_COLUMN]) != 1:
         raise DataError(f"desi_provabgs file {path!r}, dataset {ID_COLUMN!r}: expected one id "
                         f"per row (1-D), got shape {np.shape(raw[ID_COLUMN])}")
