@@ -103,20 +103,10 @@ def _loss(module, params, x, y, w, rng=None):
 
 @functools.partial(jax.jit, static_argnames=("module", "tx"))
 def _steps(module, tx, params, opt_state, x, y, order, weights, keys):
-    """Adam steps (one per batch of `order`) as one scan; a step whose batch weighs nothing
-    (padding past the epoch's end) changes nothing, so every epoch length shares one program."""
-    def step(carry, inputs):
-        p, s = carry
-        rows, wb, rng = inputs
-        grads = jax.grad(lambda q: _loss(module, q, x[rows], y[rows], wb, rng))(p)
-        updates, s_new = tx.update(grads, s, p)
-        live = jnp.sum(wb) > 0
-        keep = lambda new, old: jnp.where(live, new, old)  # noqa: E731
-        return (jax.tree.map(keep, optax.apply_updates(p, updates), p),
-                jax.tree.map(keep, s_new, s)), None
-
-    (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), (order, weights, keys))
-    return params, opt_state
+    """Adam steps, one per batch of `order`, as one compiled scan (`probe_methods.adam_scan`)."""
+    return probe_methods.adam_scan(
+        lambda q, rows, wb, rng: _loss(module, q, x[rows], y[rows], wb, rng),
+        tx, params, opt_state, order, weights, keys)
 
 
 @functools.partial(jax.jit, static_argnames=("module",))

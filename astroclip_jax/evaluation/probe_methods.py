@@ -178,25 +178,33 @@ def _apply(module, p, x, rng=None):
 STEPS_PER_CALL = 16  # train steps per compiled call (a scan); an epoch is a few calls
 
 
-@functools.partial(jax.jit, static_argnames=("module", "tx", "classify"))
-def _steps(module, tx, classify, p, s, x, y, order, weights, keys):
-    """STEPS_PER_CALL steps as one compiled scan. Steps whose batch weighs nothing (padding
-    past the epoch's end) change nothing, not even Adam's moments. Every shape is fixed by the
-    feature set (rows padded to its fit set), so all fractions and seeds share one program."""
+def adam_scan(batch_loss, tx: optax.GradientTransformation, params, opt_state, order, weights,
+              keys):
+    """Optimiser steps, one per batch of `order`, as one scan (the probes' and the morphology
+    MLPs' training): `batch_loss(params, rows, row_weights, rng)` is a batch's loss. A step
+    whose batch weighs nothing (padding past the epoch's end) changes nothing, not even Adam's
+    moments, so every epoch length shares one program."""
     def step(carry, inputs):
         p, s = carry
         rows, wb, rng = inputs
-
-        def total(q):
-            return jnp.sum(_losses(_apply(module, q, x[rows], rng), y[:, rows], wb, classify))
-        updates, s_new = tx.update(jax.grad(total)(p), s, p)
+        updates, s_new = tx.update(jax.grad(batch_loss)(p, rows, wb, rng), s, p)
         live = jnp.sum(wb) > 0
         keep = lambda new, old: jnp.where(live, new, old)  # noqa: E731
         return (jax.tree.map(keep, optax.apply_updates(p, updates), p),
                 jax.tree.map(keep, s_new, s)), None
 
-    (p, s), _ = jax.lax.scan(step, (p, s), (order, weights, keys))
-    return p, s
+    (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), (order, weights, keys))
+    return params, opt_state
+
+
+@functools.partial(jax.jit, static_argnames=("module", "tx", "classify"))
+def _steps(module, tx, classify, p, s, x, y, order, weights, keys):
+    """STEPS_PER_CALL steps as one compiled scan (`adam_scan`). Every shape is fixed by the
+    feature set (rows padded to its fit set), so all fractions and seeds share one program."""
+    def batch_loss(q, rows, wb, rng):
+        return jnp.sum(_losses(_apply(module, q, x[rows], rng), y[:, rows], wb, classify))
+
+    return adam_scan(batch_loss, tx, p, s, order, weights, keys)
 
 
 @functools.partial(jax.jit, static_argnames=("module", "classify"))
