@@ -40,7 +40,7 @@ def test_blocks_give_the_whole_batch_features(kind):
     block = towers.kind_of(kind).cpu_block or 1
     rng = np.random.default_rng(0)
     features = jax.jit(lambda v, x: towers.features(kind, module, v, x))
-    whole = jax.jit(lambda v, x: _whole(kind, module, variables, x))
+    whole = jax.jit(lambda v, x: _whole(kind, module, v, x))
     for n in (1, 2 * block, 3 * block + 1):
         x = (1 + 0.5 * rng.normal(size=(n,) + SHAPES[kind])).astype(np.float32)
         a, b = np.asarray(features(variables, x)), np.asarray(whole(variables, x))

@@ -159,9 +159,7 @@ def columns(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 def read_columns(path: str, keys, rows=None) -> dict[str, np.ndarray]:
     """The datasets `keys` of one file, for `rows` (None: all), exactly as h5py reads them."""
     with _open(path) as f:
-        n = _rows_of(f)
-        rows = _check_rows(path, rows, n)
-        return {k: _read(_dataset(f, k), rows, n) for k in keys}
+        return _read_open(f, path, keys, rows)
 
 
 def read_catalog(path: str, keys=None, rows=None) -> dict[str, np.ndarray]:
@@ -169,7 +167,13 @@ def read_catalog(path: str, keys=None, rows=None) -> dict[str, np.ndarray]:
     with _open(path) as f:
         if keys is None:
             keys = [k for k, v in f.items() if isinstance(v, h5py.Dataset) and v.ndim == 1]
-    return read_columns(path, keys, rows)
+        return _read_open(f, path, keys, rows)
+
+
+def _read_open(f: h5py.File, path: str, keys, rows) -> dict[str, np.ndarray]:
+    n = _rows_of(f)
+    rows = _check_rows(path, rows, n)
+    return {k: _read(_dataset(f, k), rows, n) for k in keys}
 
 
 def read_positions(path: str) -> dict[str, np.ndarray]:

@@ -144,7 +144,7 @@ def train_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_query: np.ndarray,
     module = probe_methods.ProbeMLP(tuple(settings.hidden), k, settings.dropout)
     key = jax.random.PRNGKey(seed)
     params = module.init(jax.random.fold_in(key, 0), x_dev[:1], train=False)
-    tx = probe_methods._adam(settings.learning_rate)  # one object per rate (static arg)
+    tx = probe_methods.adam(settings.learning_rate)  # one object per rate (static arg)
     opt_state = tx.init(params)
     batch = settings.batch_size
     steps = -(-rows // batch)  # enough steps for `rows` rows, in calls of `per_call` steps

@@ -238,7 +238,7 @@ def train_mlps(x_train, y_train, x_val, y_val, out: int, cfg: MLPConfig, seed: i
     `pad_to`: rows the training and validation arrays are zero-padded to (weight 0), so calls
     with different row counts reuse one compiled program."""
     module = ProbeMLP(tuple(cfg.hidden), out, cfg.dropout)
-    tx = _adam(cfg.learning_rate)
+    tx = adam(cfg.learning_rate)
     y_dtype = np.int32 if classify else np.float32
     n, n_val, n_models = len(x_train), len(x_val), np.shape(y_train)[0]
     rows = max(pad_to or 0, n, n_val)
@@ -277,7 +277,7 @@ def train_mlps(x_train, y_train, x_val, y_val, out: int, cfg: MLPConfig, seed: i
 
 
 @functools.lru_cache(maxsize=None)
-def _adam(learning_rate: float) -> optax.GradientTransformation:
+def adam(learning_rate: float) -> optax.GradientTransformation:
     """One optimiser object per rate: it is a static (hashed) argument of the compiled epoch."""
     return optax.adam(learning_rate)
 
